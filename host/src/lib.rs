@@ -1,0 +1,13 @@
+//! sluice: Kafka → pipeline of stages (dedup, joins, WASM plugins) → ClickHouse, exactly once.
+//!
+//! The engine ([`pipeline`]) knows batches and the [`stage::Stage`] trait, nothing stage-specific.
+
+pub mod config;
+pub mod dlq;
+pub mod pipeline;
+pub mod record;
+pub mod sink;
+pub mod source;
+pub mod stage;
+pub mod state;
+pub mod validate;

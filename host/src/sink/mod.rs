@@ -1,0 +1,3 @@
+//! Sinks: where processed records land.
+
+pub mod clickhouse;

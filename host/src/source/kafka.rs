@@ -1,0 +1,219 @@
+//! The Kafka source: a consumer group with automatic commits disabled. Offsets are committed by
+//! the engine only after ClickHouse acknowledged the batch that contains them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::config::KafkaConfig;
+use crate::record::{Header, Origin};
+use crate::stage::PartitionKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("kafka consumer: {0}")]
+    Create(String),
+    #[error("kafka subscribe to {topics:?}: {message}")]
+    Subscribe {
+        topics: Vec<String>,
+        message: String,
+    },
+    #[error("kafka receive: {0}")]
+    Receive(String),
+    #[error("kafka commit of {partition} at offset {offset}: {message}")]
+    Commit {
+        partition: PartitionKey,
+        offset: i64,
+        message: String,
+    },
+}
+
+/// Partition ownership changes, forwarded to the engine so it drops partial batches of
+/// partitions it no longer owns.
+#[derive(Debug, Clone)]
+pub enum RebalanceEvent {
+    Assigned(Vec<PartitionKey>),
+    Revoked(Vec<PartitionKey>),
+}
+
+pub struct SourceContext {
+    events: mpsc::UnboundedSender<RebalanceEvent>,
+    group: String,
+}
+
+impl ClientContext for SourceContext {}
+
+fn keys(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
+    tpl.elements()
+        .iter()
+        .map(|e| PartitionKey {
+            topic: e.topic().to_string(),
+            partition: e.partition(),
+        })
+        .collect()
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts = keys(tpl);
+            tracing::info!(group = %self.group, "partitions revoked: {}", list(&parts));
+            let _ = self.events.send(RebalanceEvent::Revoked(parts));
+        }
+    }
+
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts = keys(tpl);
+                tracing::info!(group = %self.group, "partitions assigned: {}", list(&parts));
+                let _ = self.events.send(RebalanceEvent::Assigned(parts));
+            }
+            Rebalance::Error(e) => tracing::warn!(group = %self.group, "rebalance error: {e}"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+fn list(parts: &[PartitionKey]) -> String {
+    parts
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub type SluiceConsumer = StreamConsumer<SourceContext>;
+
+/// librdkafka settings shared by the consumer, the dead-letter producer and admin clients:
+/// brokers plus the user's pass-through properties (SASL, TLS, ...).
+pub fn base_client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+pub struct KafkaSource {
+    consumer: Arc<SluiceConsumer>,
+}
+
+impl KafkaSource {
+    pub fn connect(
+        cfg: &KafkaConfig,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<RebalanceEvent>), SourceError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut c = base_client_config(cfg);
+        c.set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", cfg.start_offset.as_librdkafka());
+        let consumer: SluiceConsumer = c
+            .create_with_context(SourceContext {
+                events: tx,
+                group: cfg.group_id.clone(),
+            })
+            .map_err(|e| SourceError::Create(e.to_string()))?;
+        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| SourceError::Subscribe {
+                topics: cfg.topics.clone(),
+                message: e.to_string(),
+            })?;
+        Ok((
+            Self {
+                consumer: Arc::new(consumer),
+            },
+            rx,
+        ))
+    }
+
+    /// Waits for the next message and copies it out of librdkafka's buffer.
+    pub async fn recv(&self) -> Result<Origin, SourceError> {
+        let m = self
+            .consumer
+            .recv()
+            .await
+            .map_err(|e| SourceError::Receive(e.to_string()))?;
+        Ok(to_origin(&m))
+    }
+
+    pub fn committer(&self) -> Committer {
+        Committer {
+            consumer: self.consumer.clone(),
+        }
+    }
+}
+
+/// Commits offsets synchronously (on a blocking thread): the journal entry of a batch is only
+/// cleared once the broker has confirmed its commit.
+#[derive(Clone)]
+pub struct Committer {
+    consumer: Arc<SluiceConsumer>,
+}
+
+impl Committer {
+    pub async fn commit(&self, pk: &PartitionKey, next_offset: i64) -> Result<(), SourceError> {
+        let consumer = self.consumer.clone();
+        let key = pk.clone();
+        let err = |message: String| SourceError::Commit {
+            partition: pk.clone(),
+            offset: next_offset,
+            message,
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&key.topic, key.partition, Offset::Offset(next_offset))
+                .map_err(|e| e.to_string())?;
+            consumer
+                .commit(&tpl, CommitMode::Sync)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .map_err(err)
+    }
+
+    /// Committed offsets of the current assignment (for status and tests).
+    pub fn committed(&self, timeout: Duration) -> Result<TopicPartitionList, SourceError> {
+        self.consumer
+            .committed(timeout)
+            .map_err(|e| SourceError::Receive(e.to_string()))
+    }
+}
+
+fn to_origin(m: &BorrowedMessage<'_>) -> Origin {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| Header {
+                    key: h.key.to_string(),
+                    value: Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Origin {
+        topic: Arc::from(m.topic()),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key().map(Bytes::copy_from_slice),
+        value: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        headers,
+    }
+}

@@ -1,0 +1,346 @@
+//! The reference sluice plugin: validates transaction events and adds derived fields.
+//!
+//! Input (the Kafka value), one JSON object per record:
+//!
+//! ```json
+//! {"id":"tx-000123","user_id":42,"amount":"19.99","currency":"EUR",
+//!  "ts":"2026-11-23T10:00:00.123Z","kind":"purchase"}
+//! ```
+//!
+//! `amount` may be a number or a numeric string, `ts` RFC 3339 text or epoch milliseconds.
+//! The output row keeps every input field, rewrites `ts` as RFC 3339 UTC with milliseconds
+//! and adds `amount_cents`, `amount_bucket` (`small` < 10, `medium` < 100, else `large`),
+//! `event_date` (`YYYY-MM-DD`, UTC), `source_partition`, `source_offset` and
+//! `plugin_version`.
+//!
+//! Config (the stage's `config` in the pipeline file), every field optional:
+//!
+//! ```json
+//! {"version": "v1", "table": null, "currency_allowlist": ["EUR", "USD"]}
+//! ```
+//!
+//! - `version`: written to `plugin_version` (default `"v1"`), so rows show which plugin
+//!   version produced them across hot swaps;
+//! - `table`: destination table, `null` for the pipeline's default;
+//! - `currency_allowlist`: if not empty, other currencies are rejected as `invalid`.
+
+// Tests may unwrap: a panic there is a test failure with a backtrace.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+use serde::Deserialize;
+use serde_json::Value;
+use sluice_guest::prelude::*;
+use sluice_guest::timestamp::EpochUnit;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    #[serde(default = "default_version")]
+    version: String,
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(default)]
+    currency_allowlist: Vec<String>,
+}
+
+fn default_version() -> String {
+    "v1".to_owned()
+}
+
+/// The enrichment transform, holding its validated config.
+#[derive(Debug)]
+pub struct Enrich {
+    version: String,
+    table: Option<String>,
+    currency_allowlist: Vec<String>,
+}
+
+fn is_currency_code(s: &str) -> bool {
+    s.len() == 3 && s.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+fn amount_bucket(cents: i64) -> &'static str {
+    if cents < 1_000 {
+        "small"
+    } else if cents < 10_000 {
+        "medium"
+    } else {
+        "large"
+    }
+}
+
+impl Transform for Enrich {
+    fn init(config: Config) -> Result<Self, String> {
+        let settings: Settings = config.parse()?;
+        if settings.version.trim().is_empty() {
+            return Err("config: `version` must not be empty".into());
+        }
+        if settings
+            .table
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(
+                "config: `table` must not be empty (use null for the default table)".into(),
+            );
+        }
+        if let Some(bad) = settings
+            .currency_allowlist
+            .iter()
+            .find(|c| !is_currency_code(c))
+        {
+            return Err(format!(
+                "config: `currency_allowlist` entry {bad:?} is not a 3-letter uppercase code"
+            ));
+        }
+        Ok(Enrich {
+            version: settings.version,
+            table: settings.table,
+            currency_allowlist: settings.currency_allowlist,
+        })
+    }
+
+    fn transform(&self, record: &Record) -> Result<Output, RecordError> {
+        let event = record.json_value()?;
+
+        json::get_non_empty_str(&event, "/id")?;
+        json::get_u64(&event, "/user_id")?;
+        let amount_cents = json::get_fixed_point(&event, "/amount", 2)?;
+        let currency = json::get_str(&event, "/currency")?;
+        if !is_currency_code(currency) {
+            return Err(RecordError::schema(format!(
+                "field /currency: expected a 3-letter uppercase code, found {currency:?}"
+            )));
+        }
+        if !self.currency_allowlist.is_empty()
+            && !self.currency_allowlist.iter().any(|c| c == currency)
+        {
+            return Err(RecordError::invalid(format!(
+                "currency {currency} is not in the allowlist"
+            )));
+        }
+        let ts = json::get_timestamp(&event, "/ts", EpochUnit::Millis)?;
+
+        // The getters above succeeded, so the payload is an object.
+        let Value::Object(mut row) = event else {
+            return Err(RecordError::schema("payload is not a JSON object"));
+        };
+        row.insert("ts".into(), ts.to_rfc3339().into());
+        row.insert("amount_cents".into(), amount_cents.into());
+        row.insert("amount_bucket".into(), amount_bucket(amount_cents).into());
+        row.insert("event_date".into(), ts.date().into());
+        row.insert("source_partition".into(), record.source.partition.into());
+        row.insert("source_offset".into(), record.source.offset.into());
+        row.insert("plugin_version".into(), self.version.as_str().into());
+
+        Ok(match &self.table {
+            Some(table) => Output::row_to(table, row),
+            None => Output::row(row),
+        })
+    }
+}
+
+sluice_guest::export!(Enrich);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use sluice_guest::testing::{self, BatchOutcome};
+
+    fn event() -> Value {
+        json!({
+            "id": "tx-000123",
+            "user_id": 42,
+            "amount": "19.99",
+            "currency": "EUR",
+            "ts": "2026-11-23T10:00:00.123Z",
+            "kind": "purchase",
+        })
+    }
+
+    fn with(field: &str, value: Value) -> Value {
+        let mut e = event();
+        e[field] = value;
+        e
+    }
+
+    fn without(field: &str) -> Value {
+        let mut e = event();
+        e.as_object_mut().unwrap().remove(field);
+        e
+    }
+
+    fn run(config: &str, events: &[Value]) -> BatchOutcome {
+        let records: Vec<Record> = (0_i64..)
+            .zip(events)
+            .map(|(offset, e)| Record::from_json(e).with_source("transactions", 3, 100 + offset))
+            .collect();
+        testing::run_batch::<Enrich>(config, &records).unwrap()
+    }
+
+    fn enrich_one(e: Value) -> Value {
+        let out = run("{}", &[e]);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(out.outputs.len(), 1);
+        out.outputs[0].value.clone()
+    }
+
+    fn reject_one(config: &str, e: Value) -> (ErrorKind, String) {
+        let out = run(config, &[e]);
+        assert!(out.outputs.is_empty(), "{:?}", out.outputs);
+        assert_eq!(out.errors.len(), 1);
+        assert_eq!(out.errors[0].input, 0);
+        (out.errors[0].kind, out.errors[0].message.clone())
+    }
+
+    #[test]
+    fn enriches_a_valid_event() {
+        let out = run("{}", &[event()]);
+        assert_eq!(out.outputs[0].input, 0);
+        assert_eq!(out.outputs[0].table, None);
+        assert_eq!(
+            out.outputs[0].value,
+            json!({
+                "id": "tx-000123",
+                "user_id": 42,
+                "amount": "19.99",
+                "currency": "EUR",
+                "ts": "2026-11-23T10:00:00.123Z",
+                "kind": "purchase",
+                "amount_cents": 1999,
+                "amount_bucket": "medium",
+                "event_date": "2026-11-23",
+                "source_partition": 3,
+                "source_offset": 100,
+                "plugin_version": "v1",
+            })
+        );
+    }
+
+    #[test]
+    fn accepts_numeric_amounts_epoch_millis_and_offsets() {
+        let e = json!({
+            "id": "tx-1",
+            "user_id": 0,
+            "amount": 19.99,
+            "currency": "USD",
+            "ts": 1_795_428_000_123_i64,
+            "extra": {"nested": [1, 2]},
+        });
+        let row = enrich_one(e);
+        assert_eq!(row["ts"], "2026-11-23T10:00:00.123Z");
+        assert_eq!(row["amount_cents"], 1999);
+        assert_eq!(row["amount"], 19.99, "amount passes through unchanged");
+        assert_eq!(row["extra"], json!({"nested": [1, 2]}));
+        assert_eq!(row["event_date"], "2026-11-23");
+
+        let row = enrich_one(with("ts", json!("2026-11-24T00:30:00.5+01:00")));
+        assert_eq!(row["ts"], "2026-11-23T23:30:00.500Z");
+        assert_eq!(row["event_date"], "2026-11-23");
+    }
+
+    #[test]
+    fn buckets_amounts() {
+        for (amount, bucket) in [
+            ("0", "small"),
+            ("9.99", "small"),
+            ("10", "medium"),
+            ("99.99", "medium"),
+            ("100", "large"),
+            ("250000.5", "large"),
+        ] {
+            let row = enrich_one(with("amount", json!(amount)));
+            assert_eq!(row["amount_bucket"], bucket, "{amount}");
+        }
+    }
+
+    #[test]
+    fn config_sets_version_and_table() {
+        let out = run(r#"{"version": "v2", "table": "tx_enriched"}"#, &[event()]);
+        assert_eq!(out.outputs[0].table.as_deref(), Some("tx_enriched"));
+        assert_eq!(out.outputs[0].value["plugin_version"], "v2");
+    }
+
+    #[test]
+    fn malformed_json_is_a_parse_error() {
+        let out = testing::run_batch::<Enrich>("{}", &[Record::new(r#"{"id": "tx-1","#)]).unwrap();
+        assert_eq!(out.errors[0].kind, ErrorKind::Parse);
+        let out = testing::run_batch::<Enrich>("{}", &[Record::new(vec![0xff, b'{'])]).unwrap();
+        assert_eq!(out.errors[0].kind, ErrorKind::Parse);
+    }
+
+    #[test]
+    fn missing_or_wrong_fields_are_schema_errors_naming_the_field() {
+        let cases = [
+            (json!([1, 2]), "/id"),
+            (without("id"), "/id"),
+            (with("id", json!("")), "/id"),
+            (with("id", json!(123)), "/id"),
+            (without("user_id"), "/user_id"),
+            (with("user_id", json!(-1)), "/user_id"),
+            (with("user_id", json!("42")), "/user_id"),
+            (with("user_id", json!(4.2)), "/user_id"),
+            (without("amount"), "/amount"),
+            (with("amount", json!("19,99")), "/amount"),
+            (with("amount", json!(true)), "/amount"),
+            (with("amount", Value::Null), "/amount"),
+            (without("currency"), "/currency"),
+            (with("currency", json!("eur")), "/currency"),
+            (with("currency", json!("EURO")), "/currency"),
+            (without("ts"), "/ts"),
+            (with("ts", json!("23/11/2026")), "/ts"),
+            (with("ts", json!(1.5)), "/ts"),
+        ];
+        for (e, field) in cases {
+            let (kind, message) = reject_one("{}", e.clone());
+            assert_eq!(kind, ErrorKind::Schema, "{e}: {message}");
+            assert!(message.contains(field), "{e}: {message}");
+        }
+    }
+
+    #[test]
+    fn currency_allowlist_rejects_as_invalid() {
+        let config = r#"{"currency_allowlist": ["EUR", "USD"]}"#;
+        let (kind, message) = reject_one(config, with("currency", json!("GBP")));
+        assert_eq!(kind, ErrorKind::Invalid);
+        assert!(message.contains("GBP"), "{message}");
+        assert_eq!(run(config, &[event()]).outputs.len(), 1);
+    }
+
+    #[test]
+    fn one_bad_record_does_not_stop_the_batch() {
+        let out = run(
+            "{}",
+            &[event(), without("user_id"), with("id", json!("tx-2"))],
+        );
+        let inputs: Vec<u32> = out.outputs.iter().map(|o| o.input).collect();
+        assert_eq!(inputs, [0, 2]);
+        assert_eq!(out.outputs[1].value["id"], "tx-2");
+        assert_eq!(out.outputs[1].value["source_offset"], 102);
+        assert_eq!(out.errors.len(), 1);
+        assert_eq!(out.errors[0].input, 1);
+        assert_eq!(out.errors[0].kind, ErrorKind::Schema);
+    }
+
+    #[test]
+    fn refuses_bad_config() {
+        for (config, needle) in [
+            (r#"{"versoin": "v2"}"#, "unknown field"),
+            (r#"{"version": ""}"#, "version"),
+            (r#"{"table": " "}"#, "table"),
+            (r#"{"currency_allowlist": ["eur"]}"#, "\"eur\""),
+            (r#"{"currency_allowlist": "EUR"}"#, "invalid config"),
+            ("[1]", "invalid config"),
+        ] {
+            let err = testing::init::<Enrich>(config).unwrap_err();
+            assert!(err.contains(needle), "{config}: {err}");
+        }
+    }
+
+    #[test]
+    fn is_deterministic() {
+        let events = [event(), with("amount", json!(5)), without("ts")];
+        assert_eq!(run("{}", &events), run("{}", &events));
+    }
+}

@@ -1,0 +1,4 @@
+pub mod plugins;
+pub mod services;
+pub mod sluice;
+pub mod workload;
