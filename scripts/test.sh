@@ -2,7 +2,7 @@
 # Runs the whole test suite, as CI does (.ci/run = scripts/install-deps.sh + this):
 #
 #   1. cargo fmt --check
-#   2. cargo clippy (release profile, all targets, warnings are errors)
+#   2. cargo clippy (release profile, all targets, warnings are errors), build the sluice binary
 #   3. local ClickHouse + noida-db broker, then cargo test --release --workspace against them
 #   4. a tansu broker, then the core end-to-end tests (names containing `e2e_`) against it, so no
 #      quirk of one Kafka emulator passes for correct behaviour
@@ -114,6 +114,9 @@ run_e2e_tansu() {
 echo "==> CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --release --workspace --all-targets -- -D warnings
+# The end-to-end tests run the real binary (target/release/sluice), which `cargo test` does not
+# build for another package's tests.
+step build cargo build --release -p sluice
 
 step services start_main_services
 ch_ok=0

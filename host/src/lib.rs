@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod dlq;
+pub mod fault;
 pub mod pipeline;
 pub mod record;
 pub mod sink;

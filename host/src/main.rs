@@ -1,5 +1,6 @@
 //! The `sluice` command line.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,7 +17,11 @@ use sluice::state::StateStore;
 use sluice::validate::{validate, Checks};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Kafka → dedup, joins, WASM plugins → ClickHouse, exactly once")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Kafka → dedup, joins, WASM plugins → ClickHouse, exactly once"
+)]
 struct Cli {
     /// Log filter (`info`, `sluice=debug`, ...); `RUST_LOG` works too.
     #[arg(long, global = true, env = "SLUICE_LOG", default_value = "info")]
@@ -51,6 +56,7 @@ fn init_logging(filter: &str, format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

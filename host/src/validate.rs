@@ -49,8 +49,14 @@ pub async fn validate(cfg: &LoadedConfig, runtime: &PluginRuntime, checks: Check
         };
         let path = cfg.resolve(&w.plugin);
         let loaded = runtime.load_file(&path).and_then(|plugin| {
-            WasmStage::new(&p.name, &s.name, plugin.clone(), &w.config, w.limits.clone())
-                .map(|_| plugin)
+            WasmStage::new(
+                &p.name,
+                &s.name,
+                plugin.clone(),
+                &w.config,
+                w.limits.clone(),
+            )
+            .map(|_| plugin)
         });
         match loaded {
             Ok(plugin) => r.notes.push(format!(
@@ -202,9 +208,9 @@ async fn check_kafka(cfg: &LoadedConfig, r: &mut Report) {
         Ok(Ok(found)) => {
             for t in &topics {
                 match found.iter().find(|(n, _)| n == t) {
-                    Some((_, parts)) => {
-                        r.notes.push(format!("kafka topic {t}: {parts} partition(s)"))
-                    }
+                    Some((_, parts)) => r
+                        .notes
+                        .push(format!("kafka topic {t}: {parts} partition(s)")),
                     None => r.errors.push(format!(
                         "{}: kafka.topics: topic {t:?} does not exist on {brokers}",
                         cfg.path.display()
@@ -212,7 +218,9 @@ async fn check_kafka(cfg: &LoadedConfig, r: &mut Report) {
                 }
             }
         }
-        Ok(Err(e)) => r.errors.push(format!("kafka {brokers}: cannot fetch metadata: {e}")),
+        Ok(Err(e)) => r
+            .errors
+            .push(format!("kafka {brokers}: cannot fetch metadata: {e}")),
         Err(e) => r.errors.push(format!("kafka {brokers}: {e}")),
     }
 }

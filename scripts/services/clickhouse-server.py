@@ -96,7 +96,7 @@ def main() -> int:
 
     server.start()
     print(
-        f"clickhouse-server.py: pid {os.getpid()} serving HTTP on 127.0.0.1:{args.port}, "
+        f"clickhouse-server.py: pid {os.getpid()} starting HTTP on 127.0.0.1:{args.port}, "
         f"data in {data_dir}",
         flush=True,
     )

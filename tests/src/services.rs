@@ -270,6 +270,9 @@ pub fn kafka_config(brokers: &str) -> ClientConfig {
 pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
     let mut cfg = kafka_config(brokers);
     cfg.set("group.id", group)
+        // tansu completes a group join only after about half the session timeout: 23 s with
+        // librdkafka's default 45 s, 3 s with 6 s.
+        .set("session.timeout.ms", "6000")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest");
@@ -479,9 +482,13 @@ impl ConsumedRecord {
     }
 }
 
-/// Reads every record of `topic` that is there when the call starts (up to each partition's high
-/// watermark at that moment), without a consumer group, sorted by (partition, offset).
-/// Fails if `timeout` passes first; the error says what was read.
+/// Reads every record of `topic`, without a consumer group, sorted by (partition, offset).
+///
+/// Done means: each partition reached the high watermark it had when the call started, and then
+/// nothing new arrived for [`CONSUME_QUIET`]. The quiet period is what makes this correct on
+/// tansu, whose watermarks are wrong (it reports 1 for a partition holding 30 records); records
+/// produced concurrently may or may not be included. Fails if `timeout` passes first; the error
+/// says what was read. To wait for an exact count, use [`consume_n`].
 pub async fn consume_all(
     brokers: &str,
     topic: &str,
@@ -489,48 +496,72 @@ pub async fn consume_all(
 ) -> anyhow::Result<Vec<ConsumedRecord>> {
     let brokers = brokers.to_string();
     let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || consume_all_blocking(&brokers, &topic, timeout)).await?
+    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, None, timeout)).await?
 }
 
-fn consume_all_blocking(
+/// Reads `topic` from the beginning, without a consumer group, until `n` records were read
+/// (fails if `timeout` passes first). More records may exist; they are not read.
+pub async fn consume_n(
     brokers: &str,
     topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<ConsumedRecord>> {
+    let brokers = brokers.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, Some(n), timeout)).await?
+}
+
+/// How long [`consume_all`] waits for more records once it reached the start watermarks.
+pub const CONSUME_QUIET: Duration = Duration::from_secs(1);
+
+fn read_topic(
+    brokers: &str,
+    topic: &str,
+    want: Option<usize>,
     timeout: Duration,
 ) -> anyhow::Result<Vec<ConsumedRecord>> {
     let deadline = Instant::now() + timeout;
     let consumer: BaseConsumer = consumer_config(brokers, &unique_name("sluice_tests_reader"))
+        // Short broker-side waits: the quiet period then spans many fetch round trips.
+        .set("fetch.wait.max.ms", "100")
         .create()
         .context("creating a Kafka consumer")?;
-    let mut remaining: BTreeMap<i32, i64> = BTreeMap::new(); // partition -> end offset
+    let mut behind: BTreeMap<i32, i64> = BTreeMap::new(); // partition -> start high watermark
     let mut tpl = TopicPartitionList::new();
     for p in partitions_of(&consumer, topic)? {
-        let (low, high) = consumer
+        let (_, high) = consumer
             .fetch_watermarks(topic, p, KAFKA_REQUEST_TIMEOUT)
             .with_context(|| format!("fetching watermarks of {topic}/{p}"))?;
-        if high > low {
-            remaining.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        if high > 0 {
+            behind.insert(p, high);
         }
-    }
-    let mut out = Vec::new();
-    if remaining.is_empty() {
-        return Ok(out);
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     // Assigned, not subscribed: no group rebalance to wait for.
     consumer.assign(&tpl)?;
-    while !remaining.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+
+    let mut out = Vec::new();
+    let mut last_record = Instant::now();
+    loop {
+        match want {
+            Some(n) if out.len() >= n => break,
+            None if behind.is_empty() && last_record.elapsed() >= CONSUME_QUIET => break,
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            let wanted = want.map_or_else(|| "all records".to_string(), |n| format!("{n} records"));
             bail!(
-                "consume_all({topic}): timed out after {timeout:?} with {} records read; \
-                 partitions still short of their end offset: {remaining:?}",
+                "reading {topic}: timed out after {timeout:?} waiting for {wanted}, read {}; \
+                 partitions short of their start watermark: {behind:?}",
                 out.len()
             );
         }
-        let Some(msg) = consumer.poll(left.min(Duration::from_millis(200))) else {
+        let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
         let msg = msg.with_context(|| format!("consuming {topic}"))?;
+        last_record = Instant::now();
         let headers = msg
             .headers()
             .map(|hs| {
@@ -547,10 +578,11 @@ fn consume_all_blocking(
             headers,
             timestamp: msg.timestamp().to_millis(),
         };
-        if let Some(end) = remaining.get(&rec.partition) {
-            if rec.offset + 1 >= *end {
-                remaining.remove(&rec.partition);
-            }
+        if behind
+            .get(&rec.partition)
+            .is_some_and(|end| rec.offset + 1 >= *end)
+        {
+            behind.remove(&rec.partition);
         }
         out.push(rec);
     }

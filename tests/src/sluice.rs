@@ -32,6 +32,11 @@ pub struct SluiceProcess {
 
 impl SluiceProcess {
     pub fn spawn(args: &[&str], log: &Path) -> Result<Self> {
+        Self::spawn_with_env(args, &[], log)
+    }
+
+    /// Like [`spawn`](Self::spawn) with extra environment (e.g. fault injection).
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)], log: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -41,6 +46,7 @@ impl SluiceProcess {
         let child = Command::new(binary()?)
             .args(args)
             .env("SLUICE_LOG", "info,sluice=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
             .spawn()
@@ -55,6 +61,32 @@ impl SluiceProcess {
     pub fn run(config: &Path, log: &Path) -> Result<Self> {
         let c = config.to_string_lossy().into_owned();
         Self::spawn(&["run", "-c", &c], log)
+    }
+
+    /// Waits for the process to end by itself (e.g. an injected crash).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let Some(c) = self.child.as_mut() else {
+            bail!("sluice is not running");
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = c.try_wait()? {
+                self.child = None;
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "sluice still running after {timeout:?}\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -80,7 +80,7 @@ pub fn transaction(i: usize, rng: &mut Rng, users: u64) -> serde_json::Value {
     });
     // Both encodings occur in the wild: numbers and strings for amounts, RFC 3339 strings and
     // epoch milliseconds for times.
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         v["amount"] = json!(amount);
         v["ts"] = json!(ts);
     } else {

@@ -122,7 +122,12 @@ state:
         .await?;
         let c = rows
             .first()
-            .and_then(|r| r["c"].as_str().map(str::to_string).or(r["c"].as_u64().map(|n| n.to_string())))
+            .and_then(|r| {
+                r["c"]
+                    .as_str()
+                    .map(str::to_string)
+                    .or(r["c"].as_u64().map(|n| n.to_string()))
+            })
             .context("count() returned nothing")?;
         Ok(c.parse()?)
     }
@@ -177,11 +182,23 @@ state:
                 serde_json::Value::String(s) => (s.parse::<f64>()? * 100.0).round() as i64,
                 n => (n.as_f64().context("amount")? * 100.0).round() as i64,
             };
-            ensure!(num(&r["amount_cents"])? == cents, "{id}: amount_cents {r} != {cents}");
-            ensure!(num(&r["user_id"])? == v["user_id"].as_i64().context("user_id")?, "{id}: user_id");
+            ensure!(
+                num(&r["amount_cents"])? == cents,
+                "{id}: amount_cents {r} != {cents}"
+            );
+            ensure!(
+                num(&r["user_id"])? == v["user_id"].as_i64().context("user_id")?,
+                "{id}: user_id"
+            );
             ensure!(r["currency"] == v["currency"], "{id}: currency");
-            ensure!(num(&r["source_partition"])? == i64::from(*part), "{id}: partition");
-            ensure!(num(&r["source_offset"])? == *off, "{id}: offset {r} != {off}");
+            ensure!(
+                num(&r["source_partition"])? == i64::from(*part),
+                "{id}: partition"
+            );
+            ensure!(
+                num(&r["source_offset"])? == *off,
+                "{id}: offset {r} != {off}"
+            );
             ensure!(r["plugin_version"] == "v1", "{id}: plugin_version");
         }
         ensure!(
@@ -204,12 +221,19 @@ state:
             .collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         let letters = loop {
-            let letters = consume_all(&self.kafka.brokers, &self.dlq, Duration::from_secs(20)).await?;
+            let letters =
+                consume_all(&self.kafka.brokers, &self.dlq, Duration::from_secs(20)).await?;
             let distinct: BTreeSet<(i32, i64)> = letters
                 .iter()
                 .filter_map(|l| {
-                    let p = std::str::from_utf8(l.header("sluice.source.partition")?).ok()?.parse().ok()?;
-                    let o = std::str::from_utf8(l.header("sluice.source.offset")?).ok()?.parse().ok()?;
+                    let p = std::str::from_utf8(l.header("sluice.source.partition")?)
+                        .ok()?
+                        .parse()
+                        .ok()?;
+                    let o = std::str::from_utf8(l.header("sluice.source.offset")?)
+                        .ok()?
+                        .parse()
+                        .ok()?;
                     Some((p, o))
                 })
                 .collect();
@@ -221,19 +245,42 @@ state:
         let mut found = BTreeSet::new();
         for l in &letters {
             let h = |k: &str| -> Result<String> {
-                Ok(String::from_utf8_lossy(l.header(k).with_context(|| format!("header {k} missing"))?).into_owned())
+                Ok(String::from_utf8_lossy(
+                    l.header(k).with_context(|| format!("header {k} missing"))?,
+                )
+                .into_owned())
             };
-            ensure!(h("sluice.source.topic")? == self.topic, "source topic header");
-            let pos: (i32, i64) = (h("sluice.source.partition")?.parse()?, h("sluice.source.offset")?.parse()?);
+            ensure!(
+                h("sluice.source.topic")? == self.topic,
+                "source topic header"
+            );
+            let pos: (i32, i64) = (
+                h("sluice.source.partition")?.parse()?,
+                h("sluice.source.offset")?.parse()?,
+            );
             let Some(e) = malformed.get(&pos) else {
-                bail!("dead letter for a valid record at {pos:?}: kind {} message {}", h("sluice.error.kind")?, h("sluice.error.message")?);
+                bail!(
+                    "dead letter for a valid record at {pos:?}: kind {} message {}",
+                    h("sluice.error.kind")?,
+                    h("sluice.error.message")?
+                );
             };
-            ensure!(l.payload.as_deref() == Some(e.value.as_slice()), "dead letter payload differs from the original");
+            ensure!(
+                l.payload.as_deref() == Some(e.value.as_slice()),
+                "dead letter payload differs from the original"
+            );
             let kind = h("sluice.error.kind")?;
-            ensure!(kind == "parse" || kind == "schema", "unexpected kind {kind}");
+            ensure!(
+                kind == "parse" || kind == "schema",
+                "unexpected kind {kind}"
+            );
             ensure!(h("sluice.stage")? == "enrich", "stage header");
             ensure!(!h("sluice.error.message")?.is_empty(), "empty message");
-            ensure!(h("sluice.plugin")?.starts_with("sluice_plugin_enrich@"), "plugin header {}", h("sluice.plugin")?);
+            ensure!(
+                h("sluice.plugin")?.starts_with("sluice_plugin_enrich@"),
+                "plugin header {}",
+                h("sluice.plugin")?
+            );
             found.insert(pos);
         }
         ensure!(
@@ -249,9 +296,12 @@ state:
     async fn check_offsets(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let committed = committed_offsets(&self.kafka.brokers, &self.group, &self.topic).await?;
+            let committed =
+                committed_offsets(&self.kafka.brokers, &self.group, &self.topic).await?;
             let ends = end_offsets(&self.kafka.brokers, &self.topic).await?;
-            let ok = ends.iter().all(|(p, end)| committed.get(p).copied().flatten() == Some(*end));
+            let ok = ends
+                .iter()
+                .all(|(p, end)| committed.get(p).copied().flatten() == Some(*end));
             if ok {
                 return Ok(());
             }
@@ -264,7 +314,9 @@ state:
                         let e = produced.entry(*p).or_default();
                         *e = (*e).max(o + 1);
                     }
-                    let ok = produced.iter().all(|(p, end)| committed.get(p).copied().flatten() == Some(*end));
+                    let ok = produced
+                        .iter()
+                        .all(|(p, end)| committed.get(p).copied().flatten() == Some(*end));
                     ensure!(ok, "committed {committed:?}, produced up to {produced:?}");
                     return Ok(());
                 }
@@ -299,7 +351,11 @@ async fn e2e_10k_events_land_once_and_malformed_go_to_dead_letters() -> Result<(
     f.check_dead_letters().await?;
     f.check_offsets().await?;
     let status = p.terminate(Duration::from_secs(30))?;
-    ensure!(status.success(), "sluice exited with {status}\n{}", p.log_tail());
+    ensure!(
+        status.success(),
+        "sluice exited with {status}\n{}",
+        p.log_tail()
+    );
     // Nothing more arrived after the stop either.
     f.check_rows().await?;
     Ok(())
@@ -313,7 +369,8 @@ async fn e2e_kill9_and_restart_loses_and_duplicates_nothing() -> Result<()> {
     for threshold in [800u64, 2_500, 5_000, 7_500] {
         let mut p = SluiceProcess::run(&f.config, &f.log(run))?;
         run += 1;
-        f.wait_rows(&mut p, threshold, Duration::from_secs(180)).await?;
+        f.wait_rows(&mut p, threshold, Duration::from_secs(180))
+            .await?;
         // A little jitter so the kill lands at different points of the batch cycle.
         tokio::time::sleep(Duration::from_millis(u64::from(run as u32) * 37)).await;
         p.kill9()?;
@@ -322,6 +379,62 @@ async fn e2e_kill9_and_restart_loses_and_duplicates_nothing() -> Result<()> {
     f.wait_rows(&mut p, 9_900, Duration::from_secs(180)).await?;
     f.check_offsets().await?;
     p.terminate(Duration::from_secs(30))?;
+    f.check_rows().await?;
+    f.check_dead_letters().await?;
+    Ok(())
+}
+
+/// Crashes at each interesting point of the batch cycle (journal written, rows inserted, dead
+/// letters sent, offsets committed), restarts, and checks the same exact result every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_crash_at_each_point_of_the_batch_cycle() -> Result<()> {
+    use sluice::fault;
+    let f = Fixture::new(2, 400, spec()).await?;
+    let config = f.config.to_string_lossy().into_owned();
+    let mut run = 0;
+    let mut replays = 0;
+    for (point, after) in [
+        (fault::AFTER_BEGIN, "2"),
+        (fault::AFTER_INSERT, "3"),
+        (fault::AFTER_DEAD_LETTERS, "2"),
+        (fault::AFTER_COMMIT, "4"),
+        (fault::AFTER_INSERT, "1"),
+    ] {
+        let mut p = SluiceProcess::spawn_with_env(
+            &["run", "-c", &config],
+            &[("SLUICE_FAULT_POINT", point), ("SLUICE_FAULT_AFTER", after)],
+            &f.log(run),
+        )?;
+        run += 1;
+        let status = p.wait_exit(Duration::from_secs(120))?;
+        ensure!(
+            !status.success(),
+            "expected an injected crash at {point}\n{}",
+            p.log_tail()
+        );
+        ensure!(
+            p.log_text().contains("fault injection: aborting at"),
+            "sluice exited without reaching {point}\n{}",
+            p.log_tail()
+        );
+        replays += p
+            .log_text()
+            .matches("rebuilding batch from the journal")
+            .count();
+    }
+    let mut p = SluiceProcess::run(&f.config, &f.log(run))?;
+    f.wait_rows(&mut p, 9_900, Duration::from_secs(180)).await?;
+    f.check_offsets().await?;
+    replays += p
+        .log_text()
+        .matches("rebuilding batch from the journal")
+        .count();
+    p.terminate(Duration::from_secs(30))?;
+    // Crashes after the journal entry and before the commit must have been replayed exactly.
+    ensure!(
+        replays >= 3,
+        "only {replays} batches were rebuilt from the journal"
+    );
     f.check_rows().await?;
     f.check_dead_letters().await?;
     Ok(())

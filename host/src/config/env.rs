@@ -28,11 +28,7 @@ pub fn expand_env(text: &str, get: impl Fn(&str) -> Option<String>) -> Result<St
             Some((n, d)) => (n, Some(d)),
             None => (body, None),
         };
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("line {line}: invalid variable name {name:?}"));
         }
         match (get(name), default) {

@@ -61,6 +61,12 @@ pub struct KafkaConfig {
     /// Where a group with no committed offset starts.
     #[serde(default)]
     pub start_offset: StartOffset,
+    /// Static group membership id (`group.instance.id`). A restarted instance with the same id
+    /// gets its partitions back at once instead of waiting for the broker to expire the old
+    /// member. Default: derived from the pipeline name, host name and state directory, so it
+    /// is stable across restarts and distinct for every instance with its own state.
+    #[serde(default)]
+    pub instance_id: Option<String>,
     /// Passed through to librdkafka unchanged (SASL, TLS, timeouts...).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -250,12 +256,11 @@ impl LoadedConfig {
 
     /// Parses `text` as if read from `path`, applying environment expansion and overrides.
     pub fn from_str(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let expanded = expand_env(text, |k| std::env::var(k).ok()).map_err(|message| {
-            ConfigError::Env {
+        let expanded =
+            expand_env(text, |k| std::env::var(k).ok()).map_err(|message| ConfigError::Env {
                 path: path.to_path_buf(),
                 message,
-            }
-        })?;
+            })?;
         let de = serde_yaml_ng::Deserializer::from_str(&expanded);
         let mut pipeline: PipelineConfig =
             serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Parse {
@@ -288,6 +293,29 @@ impl LoadedConfig {
             Some(d) => self.resolve(d),
             None => PathBuf::from("sluice-state").join(&self.pipeline.name),
         }
+    }
+
+    /// The consumer's `group.instance.id` (see [`KafkaConfig::instance_id`]).
+    pub fn instance_id(&self) -> String {
+        if let Some(id) = &self.pipeline.kafka.instance_id {
+            return id.clone();
+        }
+        use sha2::{Digest, Sha256};
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_default();
+        let dir = self.state_dir();
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let mut h = Sha256::new();
+        h.update(host.as_bytes());
+        h.update([0]);
+        h.update(dir.to_string_lossy().as_bytes());
+        format!(
+            "{}-{}",
+            self.pipeline.name,
+            &hex::encode(h.finalize())[..12]
+        )
     }
 
     fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {

@@ -68,10 +68,7 @@ impl Accumulator {
             // The journal's range, even if some offsets in it no longer exist (compaction):
             // the token must be the one used before the crash.
             Some(p) => (p.first, p.last),
-            None => (
-                self.records.first()?.origin.offset,
-                self.last_offset()?,
-            ),
+            None => (self.records.first()?.origin.offset, self.last_offset()?),
         };
         Some(SealedBatch {
             partition: pk.clone(),

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::config::LoadedConfig;
 use crate::dlq::{DeadLetterQueue, DlqError};
+use crate::fault;
 use crate::record::{DeadLetter, Record};
 use crate::sink::clickhouse::writer::{dedup_token, ClickHouseSink, SinkError};
 use crate::source::kafka::{Committer, KafkaSource, RebalanceEvent, SourceError};
@@ -107,7 +108,7 @@ impl Pipeline {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), PipelineError> {
         let p = &self.cfg.pipeline;
-        let (source, mut events) = KafkaSource::connect(&p.kafka)?;
+        let (source, mut events) = KafkaSource::connect(&p.kafka, &self.cfg.instance_id())?;
         let (tx, rx) = mpsc::channel::<SealedBatch>(2);
         let worker = Worker {
             pipeline: p.name.clone(),
@@ -267,7 +268,9 @@ impl Backoff {
     }
 
     async fn wait(&mut self) {
-        let base = 100u64.saturating_mul(1u64 << self.attempt.min(9)).min(30_000);
+        let base = 100u64
+            .saturating_mul(1u64 << self.attempt.min(9))
+            .min(30_000);
         let nanos = Instant::now().elapsed().subsec_nanos() as u64
             ^ std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -301,6 +304,7 @@ impl Worker {
         let state = self.state.clone();
         let key = pk.clone();
         Self::blocking(move || state.begin_batch(&key, first, last)).await??;
+        fault::point(fault::AFTER_BEGIN);
 
         let ctx = BatchContext {
             pipeline: self.pipeline.clone(),
@@ -344,6 +348,8 @@ impl Worker {
             Stats::add(&self.stats.rows_inserted, enc.rows as u64);
         }
 
+        fault::point(fault::AFTER_INSERT);
+
         if !dead_letters.is_empty() {
             let mut backoff = Backoff::new();
             loop {
@@ -358,6 +364,8 @@ impl Worker {
             Stats::add(&self.stats.dead_letters, dead_letters.len() as u64);
         }
 
+        fault::point(fault::AFTER_DEAD_LETTERS);
+
         let mut backoff = Backoff::new();
         loop {
             match self.committer.commit(&pk, last + 1).await {
@@ -369,6 +377,7 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             }
         }
+        fault::point(fault::AFTER_COMMIT);
         let state = self.state.clone();
         Self::blocking(move || state.complete_batch(&pk, last)).await??;
         Stats::add(&self.stats.batches, 1);

@@ -105,16 +105,33 @@ pub fn base_client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Defaults that differ from librdkafka's; the user's `properties` win.
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    // A crashed instance's partitions move to a live one after this long (librdkafka: 45 s).
+    ("session.timeout.ms", "10000"),
+    ("heartbeat.interval.ms", "1000"),
+];
+
 pub struct KafkaSource {
     consumer: Arc<SluiceConsumer>,
 }
 
 impl KafkaSource {
+    /// `instance_id` becomes `group.instance.id` unless the properties set one.
     pub fn connect(
         cfg: &KafkaConfig,
+        instance_id: &str,
     ) -> Result<(Self, mpsc::UnboundedReceiver<RebalanceEvent>), SourceError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut c = base_client_config(cfg);
+        for (k, v) in CONSUMER_DEFAULTS {
+            if !cfg.properties.contains_key(*k) {
+                c.set(*k, *v);
+            }
+        }
+        if !cfg.properties.contains_key("group.instance.id") {
+            c.set("group.instance.id", instance_id);
+        }
         c.set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

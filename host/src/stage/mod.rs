@@ -50,8 +50,11 @@ pub struct StageError {
 /// batch and relies on getting the same rows (the ClickHouse deduplication token covers the batch).
 pub trait Stage: Send {
     fn name(&self) -> &str;
-    fn process(&mut self, batch: Vec<Record>, ctx: &BatchContext)
-        -> Result<StageOutput, StageError>;
+    fn process(
+        &mut self,
+        batch: Vec<Record>,
+        ctx: &BatchContext,
+    ) -> Result<StageOutput, StageError>;
 }
 
 /// Builds the configured stages in order. This is the one place that maps config kinds to

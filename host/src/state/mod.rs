@@ -155,7 +155,13 @@ mod tests {
         }
         let s = StateStore::open(dir.path()).expect("reopen");
         let j = s.journal(&pk).expect("read");
-        assert_eq!(j.pending, Some(PendingBatch { first: 10, last: 19 }));
+        assert_eq!(
+            j.pending,
+            Some(PendingBatch {
+                first: 10,
+                last: 19
+            })
+        );
         s.complete_batch(&pk, 19).expect("complete");
         let j = s.journal(&pk).expect("read");
         assert_eq!(j.pending, None);

@@ -42,7 +42,8 @@
 //!   `…Z`), `"YYYY-MM-DD HH:MM:SS[.fraction]"` or `"YYYY-MM-DDTHH:MM:SS[.fraction]"` without an
 //!   offset, which is taken as **UTC** (whatever the column's time zone: the sink carries no
 //!   time-zone database), a bare date (midnight UTC), or a number of seconds since the epoch
-//!   (`1700000000`, `1700000000.123`, taken from the number's decimal text, so no float error).
+//!   (`1700000000`, `1700000000.123`, also quoted: `"1700000000.123"`), converted from the
+//!   number's decimal text, so without float error.
 //!   Digits beyond the precision are dropped toward the past (floor). Ranges: DateTime
 //!   1970-01-01 00:00:00…2106-02-07 06:28:15; DateTime64 1900-01-01…2299-12-31 (for precision 9
 //!   the Int64 limit, 2262-04-11 23:47:16, comes first). Out of range is an error.
@@ -215,7 +216,10 @@ impl RowEncoder {
                 T::Nullable(_) | T::LowCardinality(_) | T::SimpleAggregateFunction { .. }
             )
         {
-            return Err(fail(v, format!("null is not allowed for {ty} (not Nullable)")));
+            return Err(fail(
+                v,
+                format!("null is not allowed for {ty} (not Nullable)"),
+            ));
         }
         match ty {
             T::Bool => out.push(json_bool(v)?.into()),
@@ -343,8 +347,7 @@ impl RowEncoder {
                 };
                 put_len(items.len(), out);
                 for (i, item) in items.iter().enumerate() {
-                    self.enc(inner, item.into(), out)
-                        .at(|| Seg::Index(i))?;
+                    self.enc(inner, item.into(), out).at(|| Seg::Index(i))?;
                 }
             }
             T::Map(kt, vt) => match v {
@@ -375,7 +378,12 @@ impl RowEncoder {
                             .at(|| Seg::Index(i))?;
                     }
                 }
-                other => return Err(expected(other, "an object or an array of [key, value] pairs")),
+                other => {
+                    return Err(expected(
+                        other,
+                        "an object or an array of [key, value] pairs",
+                    ))
+                }
             },
             T::Tuple(elements) => self.enc_tuple(ty, elements, v, out)?,
         }
@@ -681,9 +689,12 @@ fn json_bool(v: Json<'_>) -> Result<bool, Box<Fail>> {
 fn json_f64(v: Json<'_>) -> Result<f64, Box<Fail>> {
     match v {
         Json::Num(n) => n.as_f64().ok_or_else(|| fail(v, "not a finite number")),
-        Json::Str(s) => s
-            .parse::<f64>()
-            .map_err(|_| fail(v, "not a number (also accepted: \"nan\", \"inf\", \"-inf\")")),
+        Json::Str(s) => s.parse::<f64>().map_err(|_| {
+            fail(
+                v,
+                "not a number (also accepted: \"nan\", \"inf\", \"-inf\")",
+            )
+        }),
         other => Err(expected(other, "a number or a numeric string")),
     }
 }
@@ -691,9 +702,12 @@ fn json_f64(v: Json<'_>) -> Result<f64, Box<Fail>> {
 fn json_f32(v: Json<'_>, ty: &ColumnType) -> Result<f32, Box<Fail>> {
     let x = match v {
         // Parsed directly as f32 so the text is rounded once.
-        Json::Str(s) => s
-            .parse::<f32>()
-            .map_err(|_| fail(v, "not a number (also accepted: \"nan\", \"inf\", \"-inf\")"))?,
+        Json::Str(s) => s.parse::<f32>().map_err(|_| {
+            fail(
+                v,
+                "not a number (also accepted: \"nan\", \"inf\", \"-inf\")",
+            )
+        })?,
         _ => json_f64(v)? as f32,
     };
     if x.is_infinite() && !is_infinity_literal(v) {
@@ -811,7 +825,7 @@ fn json_int(v: Json<'_>, ty: &ColumnType) -> Result<BigInt, Box<Fail>> {
                 });
             }
             // A plain integer text beyond u64 is exact with serde_json's `arbitrary_precision`.
-            if let Some(r) = with_number_text(n, |t| parse_int_text(t)) {
+            if let Some(r) = with_number_text(n, parse_int_text) {
                 return r.ok_or_else(|| out_of_range(v, ty));
             }
             let f = n.as_f64().unwrap_or(f64::NAN);
@@ -1146,13 +1160,7 @@ fn json_scaled(
     }
 }
 
-fn put_decimal(
-    v: Json<'_>,
-    ty: &ColumnType,
-    precision: u8,
-    scale: u8,
-    out: &mut Vec<u8>,
-) -> Step {
+fn put_decimal(v: Json<'_>, ty: &ColumnType, precision: u8, scale: u8, out: &mut Vec<u8>) -> Step {
     let n = json_scaled(v, ty, scale.into(), Rounding::HalfAwayFromZero)?;
     if n.mag >= POW10[usize::from(precision)] {
         return Err(out_of_range(v, ty));
@@ -1305,7 +1313,14 @@ fn json_ticks(v: Json<'_>, ty: &ColumnType, precision: u8) -> Result<i128, Box<F
     let p = usize::from(precision);
     match v {
         Json::Str(s) => {
-            let (secs, frac) = parse_datetime(s).ok_or_else(|| fail(v, DATETIME_FORMS))?;
+            let Some((secs, frac)) = parse_datetime(s) else {
+                // Epoch seconds quoted by the producer, like quoted integers elsewhere.
+                if parse_decimal_text(s).is_some() {
+                    let n = json_scaled(v, ty, precision.into(), Rounding::Floor)?;
+                    return n.to_i128().ok_or_else(|| out_of_range(v, ty));
+                }
+                return Err(fail(v, DATETIME_FORMS));
+            };
             let mut ticks = i128::from(secs) * POW10_I128[p];
             // The first `precision` fraction digits, zero-padded; later ones are dropped (floor).
             for i in 0..p {
@@ -1339,13 +1354,14 @@ fn parse_uuid(s: &str) -> Option<[u8; 16]> {
             continue;
         }
         let x = (c as char).to_digit(16)? as u8;
-        out[nibbles / 2] |= if nibbles % 2 == 0 { x << 4 } else { x };
+        out[nibbles / 2] |= if nibbles.is_multiple_of(2) { x << 4 } else { x };
         nibbles += 1;
     }
     Some(out)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic in a test is a failure with a backtrace
 mod tests {
     use super::*;
     use serde_json::json;
@@ -1397,8 +1413,11 @@ mod tests {
         enc.encode_value(&json!({}), &mut out).unwrap();
         assert_eq!(out, [1, 1, 1, 1]);
         out.clear();
-        enc.encode_value(&json!({"a": null, "b": null, "n": null, "l": null}), &mut out)
-            .unwrap();
+        enc.encode_value(
+            &json!({"a": null, "b": null, "n": null, "l": null}),
+            &mut out,
+        )
+        .unwrap();
         // Non-Nullable null → default flag; Nullable null → value flag 0 + null flag 1.
         assert_eq!(out, [1, 1, 0, 1, 0, 1]);
         out.clear();
@@ -1418,10 +1437,19 @@ mod tests {
         assert_eq!(ok("Int32", json!(i32::MIN)), i32::MIN.to_le_bytes());
         assert_eq!(ok("UInt32", json!(u32::MAX)), u32::MAX.to_le_bytes());
         assert_eq!(ok("Int64", json!(i64::MIN)), i64::MIN.to_le_bytes());
-        assert_eq!(ok("Int64", json!("-9223372036854775808")), i64::MIN.to_le_bytes());
+        assert_eq!(
+            ok("Int64", json!("-9223372036854775808")),
+            i64::MIN.to_le_bytes()
+        );
         assert_eq!(ok("UInt64", json!(u64::MAX)), u64::MAX.to_le_bytes());
-        assert_eq!(ok("UInt64", json!("18446744073709551615")), u64::MAX.to_le_bytes());
-        assert_eq!(ok("Int64", json!(1e15)), 1_000_000_000_000_000i64.to_le_bytes());
+        assert_eq!(
+            ok("UInt64", json!("18446744073709551615")),
+            u64::MAX.to_le_bytes()
+        );
+        assert_eq!(
+            ok("Int64", json!(1e15)),
+            1_000_000_000_000_000i64.to_le_bytes()
+        );
     }
 
     #[test]
@@ -1429,12 +1457,20 @@ mod tests {
         assert_err("UInt8", json!(256), "out of range for UInt8: 256");
         assert_err("UInt8", json!(-1), "out of range for UInt8");
         assert_err("Int8", json!("128"), "out of range for Int8");
-        assert_err("UInt64", json!("18446744073709551616"), "out of range for UInt64");
+        assert_err(
+            "UInt64",
+            json!("18446744073709551616"),
+            "out of range for UInt64",
+        );
         assert_err("Int32", json!(3.5), "not an integer");
         assert_err("Int32", json!("3.0"), "not an integer");
         assert_err("Int32", json!("x"), "not an integer");
         assert_err("Int64", json!(1e300), "send it as a string");
-        assert_err("Int32", json!(true), "expected an integer (number or string), got a boolean");
+        assert_err(
+            "Int32",
+            json!(true),
+            "expected an integer (number or string), got a boolean",
+        );
         assert_err("Int32", json!([1]), "got an array");
     }
 
@@ -1505,13 +1541,19 @@ mod tests {
         assert_eq!(ok("Float64", json!(1.5)), 1.5f64.to_le_bytes());
         assert_eq!(ok("Float64", json!(-3)), (-3f64).to_le_bytes());
         assert_eq!(ok("Float64", json!("2.25")), 2.25f64.to_le_bytes());
-        assert_eq!(ok("Float64", json!("-inf")), f64::NEG_INFINITY.to_le_bytes());
+        assert_eq!(
+            ok("Float64", json!("-inf")),
+            f64::NEG_INFINITY.to_le_bytes()
+        );
         assert_eq!(ok("Float64", json!("inf")), f64::INFINITY.to_le_bytes());
         assert!(f64::from_le_bytes(ok("Float64", json!("nan")).try_into().unwrap()).is_nan());
         assert_eq!(ok("Float32", json!(0.1)), 0.1f32.to_le_bytes());
         assert_eq!(ok("Float32", json!("0.1")), 0.1f32.to_le_bytes());
         assert_eq!(ok("Float32", json!("NaN")), f32::NAN.to_le_bytes());
-        assert_eq!(ok("Float32", json!("-Infinity")), f32::NEG_INFINITY.to_le_bytes());
+        assert_eq!(
+            ok("Float32", json!("-Infinity")),
+            f32::NEG_INFINITY.to_le_bytes()
+        );
         assert_err("Float32", json!(1e39), "out of range for Float32");
         assert_err("Float32", json!("1e39"), "out of range for Float32");
         assert_err("Float64", json!("abc"), "not a number");
@@ -1523,14 +1565,17 @@ mod tests {
         // Values checked against `toBFloat16(...)` on ClickHouse 26.9.
         assert_eq!(ok("BFloat16", json!(1.00390625)), [0x80, 0x3f]);
         assert_eq!(ok("BFloat16", json!(1.01171875)), [0x81, 0x3f]);
-        assert_eq!(ok("BFloat16", json!(3.14159)), [0x49, 0x40]);
+        assert_eq!(ok("BFloat16", json!(-1.3)), [0xa6, 0xbf]);
         assert_eq!(ok("BFloat16", json!(-2)), [0x00, 0xc0]);
     }
 
     #[test]
     fn decimals() {
         assert_eq!(ok("Decimal(9, 2)", json!(12.34)), 1234i32.to_le_bytes());
-        assert_eq!(ok("Decimal(9, 2)", json!("-12.34")), (-1234i32).to_le_bytes());
+        assert_eq!(
+            ok("Decimal(9, 2)", json!("-12.34")),
+            (-1234i32).to_le_bytes()
+        );
         assert_eq!(ok("Decimal(9, 2)", json!(5)), 500i32.to_le_bytes());
         assert_eq!(ok("Decimal(9, 2)", json!("1e-2")), 1i32.to_le_bytes());
         assert_eq!(ok("Decimal(9, 2)", json!("1.2E1")), 1200i32.to_le_bytes());
@@ -1538,7 +1583,10 @@ mod tests {
         // Rounding half away from zero.
         assert_eq!(ok("Decimal(9, 2)", json!("1.005")), 101i32.to_le_bytes());
         assert_eq!(ok("Decimal(9, 2)", json!("1.00499")), 100i32.to_le_bytes());
-        assert_eq!(ok("Decimal(9, 2)", json!("-1.005")), (-101i32).to_le_bytes());
+        assert_eq!(
+            ok("Decimal(9, 2)", json!("-1.005")),
+            (-101i32).to_le_bytes()
+        );
         assert_eq!(ok("Decimal(9, 2)", json!("0.001")), 0i32.to_le_bytes());
         assert_eq!(ok("Decimal(9, 2)", json!("-0.001")), 0i32.to_le_bytes());
         assert_eq!(ok("Decimal(9, 2)", json!("1e-100")), 0i32.to_le_bytes());
@@ -1549,7 +1597,10 @@ mod tests {
             (-999_999_999_999_999_999i64).to_le_bytes()
         );
         assert_eq!(
-            ok("Decimal(38, 10)", json!("-1234567890123456789012345678.0123456789")),
+            ok(
+                "Decimal(38, 10)",
+                json!("-1234567890123456789012345678.0123456789")
+            ),
             (-12_345_678_901_234_567_890_123_456_780_123_456_789i128).to_le_bytes()
         );
         let v = ok("Decimal(76, 0)", json!(format!("-{}", "9".repeat(76))));
@@ -1564,7 +1615,11 @@ mod tests {
 
     #[test]
     fn decimal_errors() {
-        assert_err("Decimal(9, 2)", json!("10000000"), "out of range for Decimal(9, 2)");
+        assert_err(
+            "Decimal(9, 2)",
+            json!("10000000"),
+            "out of range for Decimal(9, 2)",
+        );
         assert_err("Decimal(9, 2)", json!("9999999.995"), "out of range");
         assert_err("Decimal(9, 2)", json!("1e400"), "out of range");
         assert_err("Decimal(9, 2)", json!("abc"), "not a decimal number");
@@ -1598,7 +1653,11 @@ mod tests {
     fn fixed_strings() {
         assert_eq!(ok("FixedString(4)", json!("ab")), b"ab\0\0");
         assert_eq!(ok("FixedString(2)", json!("ab")), b"ab");
-        assert_err("FixedString(2)", json!("abc"), "string of 3 bytes is longer than FixedString(2)");
+        assert_err(
+            "FixedString(2)",
+            json!("abc"),
+            "string of 3 bytes is longer than FixedString(2)",
+        );
         assert_err("FixedString(2)", json!(1), "expected a string");
     }
 
@@ -1608,11 +1667,29 @@ mod tests {
             0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0x00, // checked against ClickHouse 26.9
             0xff, 0xee, 0xdd, 0xcc, 0xbb, 0xaa, 0x99, 0x88,
         ];
-        assert_eq!(ok("UUID", json!("00112233-4455-6677-8899-aabbccddeeff")), expected);
-        assert_eq!(ok("UUID", json!("00112233445566778899AABBCCDDEEFF")), expected);
-        assert_err("UUID", json!("00112233-4455-6677-8899-aabbccddeef"), "not a valid UUID");
-        assert_err("UUID", json!("0011223344-55-6677-8899-aabbccddeeff"), "not a valid UUID");
-        assert_err("UUID", json!("g0112233445566778899aabbccddeeff"), "not a valid UUID");
+        assert_eq!(
+            ok("UUID", json!("00112233-4455-6677-8899-aabbccddeeff")),
+            expected
+        );
+        assert_eq!(
+            ok("UUID", json!("00112233445566778899AABBCCDDEEFF")),
+            expected
+        );
+        assert_err(
+            "UUID",
+            json!("00112233-4455-6677-8899-aabbccddeef"),
+            "not a valid UUID",
+        );
+        assert_err(
+            "UUID",
+            json!("0011223344-55-6677-8899-aabbccddeeff"),
+            "not a valid UUID",
+        );
+        assert_err(
+            "UUID",
+            json!("g0112233445566778899aabbccddeeff"),
+            "not a valid UUID",
+        );
         assert_err("UUID", json!(5), "expected a UUID string");
     }
 
@@ -1622,8 +1699,16 @@ mod tests {
         assert_eq!(ok(ty, json!("a")), [1]);
         assert_eq!(ok(ty, json!("b")), [0xfe]);
         assert_eq!(ok(ty, json!(-2)), [0xfe]);
-        assert_err(ty, json!("x"), "unknown enum value 'x' (expected one of: a, b)");
-        assert_err(ty, json!(3), "unknown enum value 3 (expected one of: 1 (a), -2 (b))");
+        assert_err(
+            ty,
+            json!("x"),
+            "unknown enum value 'x' (expected one of: a, b)",
+        );
+        assert_err(
+            ty,
+            json!(3),
+            "unknown enum value 3 (expected one of: 1 (a), -2 (b))",
+        );
         let ty16 = "Enum16('big' = 1000, 'neg' = -1000)";
         assert_eq!(ok(ty16, json!("big")), 1000i16.to_le_bytes());
         assert_eq!(ok(ty16, json!(-1000)), (-1000i16).to_le_bytes());
@@ -1637,8 +1722,14 @@ mod tests {
         assert_eq!(ok("Date", json!("2149-06-06")), 65_535u16.to_le_bytes());
         assert_eq!(ok("Date", json!(19_782)), 19_782u16.to_le_bytes());
         // Date of an RFC 3339 timestamp in UTC.
-        assert_eq!(ok("Date", json!("2024-03-01T01:00:00+02:00")), 19_782u16.to_le_bytes());
-        assert_eq!(ok("Date32", json!("1900-01-01")), (-25_567i32).to_le_bytes());
+        assert_eq!(
+            ok("Date", json!("2024-03-01T01:00:00+02:00")),
+            19_782u16.to_le_bytes()
+        );
+        assert_eq!(
+            ok("Date32", json!("1900-01-01")),
+            (-25_567i32).to_le_bytes()
+        );
         assert_eq!(ok("Date32", json!("2299-12-31")), 120_529i32.to_le_bytes());
         assert_eq!(ok("Date32", json!(-1)), (-1i32).to_le_bytes());
         assert_err("Date", json!("2149-06-07"), "out of range for Date");
@@ -1674,22 +1765,51 @@ mod tests {
             ok("DateTime", json!("2106-02-07 06:28:15")),
             u32::MAX.to_le_bytes()
         );
-        assert_err("DateTime", json!("2106-02-07 06:28:16"), "out of range for DateTime");
+        assert_err(
+            "DateTime",
+            json!("2106-02-07 06:28:16"),
+            "out of range for DateTime",
+        );
         assert_err("DateTime", json!("1969-12-31 23:59:59"), "out of range");
         assert_err("DateTime", json!(-1), "out of range");
-        assert_err("DateTime", json!("2023-11-14 24:00:00"), "expected a date/time string");
-        assert_err("DateTime", json!("2023-11-14T22:13:20+02:00x"), "expected a date/time");
-        assert_err("DateTime", json!("2023-11-14T22:13:20."), "expected a date/time");
-        assert_err("DateTime", json!(true), "expected a date/time string or epoch seconds");
+        assert_err(
+            "DateTime",
+            json!("2023-11-14 24:00:00"),
+            "expected a date/time string",
+        );
+        assert_err(
+            "DateTime",
+            json!("2023-11-14T22:13:20+02:00x"),
+            "expected a date/time",
+        );
+        assert_err(
+            "DateTime",
+            json!("2023-11-14T22:13:20."),
+            "expected a date/time",
+        );
+        assert_err(
+            "DateTime",
+            json!(true),
+            "expected a date/time string or epoch seconds",
+        );
     }
 
     #[test]
     fn datetime64() {
         let ms = |x: i64| x.to_le_bytes();
         let ty = "DateTime64(3, 'UTC')";
-        assert_eq!(ok(ty, json!("2023-11-14T22:13:20.123Z")), ms(1_700_000_000_123));
-        assert_eq!(ok(ty, json!("2023-11-14 22:13:20.1239")), ms(1_700_000_000_123));
-        assert_eq!(ok(ty, json!("2023-11-14 22:13:20.1")), ms(1_700_000_000_100));
+        assert_eq!(
+            ok(ty, json!("2023-11-14T22:13:20.123Z")),
+            ms(1_700_000_000_123)
+        );
+        assert_eq!(
+            ok(ty, json!("2023-11-14 22:13:20.1239")),
+            ms(1_700_000_000_123)
+        );
+        assert_eq!(
+            ok(ty, json!("2023-11-14 22:13:20.1")),
+            ms(1_700_000_000_100)
+        );
         assert_eq!(ok(ty, json!(1_700_000_000.123)), ms(1_700_000_000_123));
         assert_eq!(ok(ty, json!(1_700_000_000)), ms(1_700_000_000_000));
         assert_eq!(ok(ty, json!("1700000000.5")), ms(1_700_000_000_500));
@@ -1701,7 +1821,11 @@ mod tests {
             ok(ty, json!("2299-12-31 23:59:59.999")),
             ms(10_413_791_999_999)
         );
-        assert_err(ty, json!("1899-12-31 23:59:59.999"), "out of range for DateTime64(3, 'UTC')");
+        assert_err(
+            ty,
+            json!("1899-12-31 23:59:59.999"),
+            "out of range for DateTime64(3, 'UTC')",
+        );
         assert_err(ty, json!("2300-01-01 00:00:00"), "out of range");
         assert_eq!(
             ok("DateTime64(9)", json!("2023-11-14T22:13:20.123456789Z")),
@@ -1711,8 +1835,15 @@ mod tests {
             ok("DateTime64(9)", json!("2262-04-11 23:47:16.854775807")),
             ms(i64::MAX)
         );
-        assert_err("DateTime64(9)", json!("2262-04-11 23:47:16.854775808"), "out of range");
-        assert_eq!(ok("DateTime64(0)", json!("2023-11-14T22:13:20.9")), ms(1_700_000_000));
+        assert_err(
+            "DateTime64(9)",
+            json!("2262-04-11 23:47:16.854775808"),
+            "out of range",
+        );
+        assert_eq!(
+            ok("DateTime64(0)", json!("2023-11-14T22:13:20.9")),
+            ms(1_700_000_000)
+        );
         assert_err(ty, json!("yesterday"), "expected a date/time string");
         assert_err(ty, json!(1e300), "out of range");
     }
@@ -1738,8 +1869,14 @@ mod tests {
         assert_eq!(ok("Nullable(UInt8)", json!(5)), [0, 5]);
         assert_eq!(ok("Nullable(UInt8)", json!(null)), [1]);
         assert_eq!(ok("LowCardinality(String)", json!("ab")), [2, b'a', b'b']);
-        assert_eq!(ok("LowCardinality(Nullable(String))", json!("a")), [0, 1, b'a']);
-        assert_eq!(ok("SimpleAggregateFunction(sum, UInt64)", json!(1)), 1u64.to_le_bytes());
+        assert_eq!(
+            ok("LowCardinality(Nullable(String))", json!("a")),
+            [0, 1, b'a']
+        );
+        assert_eq!(
+            ok("SimpleAggregateFunction(sum, UInt64)", json!(1)),
+            1u64.to_le_bytes()
+        );
         assert_err("Nullable(UInt8)", json!(300), "out of range for UInt8");
     }
 
@@ -1760,8 +1897,16 @@ mod tests {
             msg,
             "column \"c\"[3] (Array(UInt8)): out of range for UInt8: 300"
         );
-        assert_err("Array(UInt8)", json!([1, null]), "null is not allowed for UInt8");
-        assert_err("Array(UInt8)", json!("1,2"), "expected an array, got a string");
+        assert_err(
+            "Array(UInt8)",
+            json!([1, null]),
+            "null is not allowed for UInt8",
+        );
+        assert_err(
+            "Array(UInt8)",
+            json!("1,2"),
+            "expected an array, got a string",
+        );
     }
 
     #[test]
@@ -1781,7 +1926,10 @@ mod tests {
         );
         assert_eq!(ok("Map(String, UInt8)", json!({})), [0]);
         assert_eq!(
-            ok("Map(LowCardinality(String), Array(UInt8))", json!({"k": [7]})),
+            ok(
+                "Map(LowCardinality(String), Array(UInt8))",
+                json!({"k": [7]})
+            ),
             [1, 1, b'k', 1, 7]
         );
         let msg = err("Map(String, UInt8)", json!({"x": 1, "y": "big"}));
@@ -1795,9 +1943,17 @@ mod tests {
             "column \"c\".key \"x\" (Map(UInt8, String)): not an integer (UInt8): \"x\""
         );
         assert_err("Map(UInt8, String)", json!([[1]]), "[0]");
-        assert_err("Map(UInt8, String)", json!([[1, 2, 3]]), "expected a [key, value] pair");
+        assert_err(
+            "Map(UInt8, String)",
+            json!([[1, 2, 3]]),
+            "expected a [key, value] pair",
+        );
         assert_err("Map(UInt8, UInt8)", json!([[1, 300]]), "c\"[0][1]");
-        assert_err("Map(String, String)", json!(3), "expected an object or an array of [key, value] pairs");
+        assert_err(
+            "Map(String, String)",
+            json!(3),
+            "expected an object or an array of [key, value] pairs",
+        );
     }
 
     #[test]
@@ -1805,15 +1961,29 @@ mod tests {
         assert_eq!(ok("Tuple(UInt8, String)", json!([1, "a"])), [1, 1, b'a']);
         let ty = "Tuple(a UInt8, b Nullable(String), `c d` Int8)";
         assert_eq!(ok(ty, json!([1, null, -1])), [1, 1, 0xff]);
-        assert_eq!(ok(ty, json!({"c d": -1, "a": 1, "b": "x"})), [1, 0, 1, b'x', 0xff]);
+        assert_eq!(
+            ok(ty, json!({"c d": -1, "a": 1, "b": "x"})),
+            [1, 0, 1, b'x', 0xff]
+        );
         // An absent Nullable element is NULL; extra fields are ignored by default.
         assert_eq!(ok(ty, json!({"a": 1, "c d": 2, "zzz": 0})), [1, 1, 2]);
-        assert_err(ty, json!({"b": "x", "c d": 2}), "missing tuple element \"a\"");
+        assert_err(
+            ty,
+            json!({"b": "x", "c d": 2}),
+            "missing tuple element \"a\"",
+        );
         assert_err(ty, json!([1, 2]), "needs an array of 3 values, got 2");
-        assert_err("Tuple(UInt8, String)", json!({"a": 1}), "has unnamed elements");
+        assert_err(
+            "Tuple(UInt8, String)",
+            json!({"a": 1}),
+            "has unnamed elements",
+        );
         let msg = err(ty, json!({"a": 1, "c d": 200}));
         assert!(msg.starts_with("column \"c\".\"c d\" ("), "{msg}");
-        let msg = err("Array(Tuple(x UInt8, y Array(UInt8)))", json!([{"x": 1, "y": [1, "z"]}]));
+        let msg = err(
+            "Array(Tuple(x UInt8, y Array(UInt8)))",
+            json!([{"x": 1, "y": [1, "z"]}]),
+        );
         assert!(msg.starts_with("column \"c\"[0].y[1] ("), "{msg}");
         // Nested with flatten_nested = 0.
         assert_eq!(
@@ -1824,9 +1994,12 @@ mod tests {
 
     #[test]
     fn unknown_fields() {
-        let schema =
-            TableSchema::from_columns("db", "t", [("a", "UInt8", ""), ("m", "UInt8", "MATERIALIZED")])
-                .unwrap();
+        let schema = TableSchema::from_columns(
+            "db",
+            "t",
+            [("a", "UInt8", ""), ("m", "UInt8", "MATERIALIZED")],
+        )
+        .unwrap();
         let row = json!({"a": 1, "x": 2, "m": 3});
         let mut out = Vec::new();
         RowEncoder::new(&schema, UnknownFields::Ignore)
@@ -1841,14 +2014,19 @@ mod tests {
         let e = tuple
             .encode_value(&json!({"c": {"a": 1, "b": 2}}), &mut out)
             .unwrap_err();
-        assert!(e.to_string().contains("fields not in Tuple(a UInt8): \"b\""), "{e}");
+        assert!(
+            e.to_string()
+                .contains("fields not in Tuple(a UInt8): \"b\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn failed_row_leaves_buffer_untouched() {
         let enc = encoder(&[("a", "String", ""), ("b", "Array(UInt8)", "")]);
         let mut out = Vec::new();
-        enc.encode_value(&json!({"a": "first", "b": [1]}), &mut out).unwrap();
+        enc.encode_value(&json!({"a": "first", "b": [1]}), &mut out)
+            .unwrap();
         let good = out.clone();
         let e = enc
             .encode_value(&json!({"a": "second", "b": [1, 2, -3]}), &mut out)
@@ -1916,6 +2094,9 @@ mod tests {
         assert_eq!(enc(0), [0]);
         assert_eq!(enc(127), [127]);
         assert_eq!(enc(128), [0x80, 1]);
-        assert_eq!(enc(u64::MAX), [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1]);
+        assert_eq!(
+            enc(u64::MAX),
+            [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1]
+        );
     }
 }

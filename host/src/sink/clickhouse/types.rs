@@ -155,7 +155,9 @@ impl fmt::Display for ColumnType {
                 precision,
                 timezone: Some(tz),
             } => write!(f, "DateTime64({precision}, {})", Quoted(tz)),
-            T::Enum8(values) => write_enum(f, "Enum8", values.iter().map(|(n, v)| (n, i16::from(*v)))),
+            T::Enum8(values) => {
+                write_enum(f, "Enum8", values.iter().map(|(n, v)| (n, i16::from(*v))))
+            }
             T::Enum16(values) => write_enum(f, "Enum16", values.iter().map(|(n, v)| (n, *v))),
             T::Nullable(inner) => write!(f, "Nullable({inner})"),
             T::LowCardinality(inner) => write!(f, "LowCardinality({inner})"),
@@ -224,7 +226,10 @@ impl fmt::Display for Ident<'_> {
             .bytes()
             .next()
             .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-            && self.0.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            && self
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if plain {
             return f.write_str(self.0);
         }
@@ -831,7 +836,11 @@ impl TableSchema {
 
     /// `` `db`.`table` `` for SQL.
     pub fn qualified_name(&self) -> String {
-        format!("{}.{}", quote_ident(&self.database), quote_ident(&self.table))
+        format!(
+            "{}.{}",
+            quote_ident(&self.database),
+            quote_ident(&self.table)
+        )
     }
 
     /// The statement that matches the byte layout of [`super::encode::RowEncoder`]: every
@@ -847,6 +856,7 @@ impl TableSchema {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic in a test is a failure with a backtrace
 mod tests {
     use super::*;
     use ColumnType as T;

@@ -112,7 +112,11 @@ impl ClickHouseSink {
         for t in names {
             let schema = load_schema(&client, &cfg.database, t).await?;
             let encoder = RowEncoder::new(&schema, unknown_policy(cfg.unknown_fields));
-            let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+            let cols: Vec<String> = schema
+                .columns
+                .iter()
+                .map(|c| quote_ident(&c.name))
+                .collect();
             let insert_sql = format!(
                 "INSERT INTO {}.{} ({}) FORMAT RowBinaryWithDefaults",
                 quote_ident(&cfg.database),

@@ -32,7 +32,9 @@ pub enum PluginError {
     },
     #[error("plugin {name}: not a valid WebAssembly component: {message}")]
     Compile { name: String, message: String },
-    #[error("plugin {name}: does not match the sluice:plugin/plugin world (wit/plugin.wit): {message}")]
+    #[error(
+        "plugin {name}: does not match the sluice:plugin/plugin world (wit/plugin.wit): {message}"
+    )]
     WorldMismatch { name: String, message: String },
     #[error("plugin {name}: init refused the config: {message}")]
     Init { name: String, message: String },
@@ -104,11 +106,21 @@ impl bindings::sluice::plugin::log::Host for HostState {
             .collect();
         let fields = fields.join(" ");
         match level {
-            bindings::Level::Trace => tracing::trace!(target: "sluice::plugin", pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, %fields, "{message}"),
-            bindings::Level::Debug => tracing::debug!(target: "sluice::plugin", pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, %fields, "{message}"),
-            bindings::Level::Info => tracing::info!(target: "sluice::plugin", pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, %fields, "{message}"),
-            bindings::Level::Warn => tracing::warn!(target: "sluice::plugin", pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, %fields, "{message}"),
-            bindings::Level::Error => tracing::error!(target: "sluice::plugin", pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, %fields, "{message}"),
+            bindings::Level::Trace => {
+                tracing::trace!(target: "sluice::plugin", pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, %fields, "{message}")
+            }
+            bindings::Level::Debug => {
+                tracing::debug!(target: "sluice::plugin", pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, %fields, "{message}")
+            }
+            bindings::Level::Info => {
+                tracing::info!(target: "sluice::plugin", pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, %fields, "{message}")
+            }
+            bindings::Level::Warn => {
+                tracing::warn!(target: "sluice::plugin", pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, %fields, "{message}")
+            }
+            bindings::Level::Error => {
+                tracing::error!(target: "sluice::plugin", pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, %fields, "{message}")
+            }
         }
     }
 }
@@ -168,7 +180,9 @@ impl EpochTicker {
             });
         if let Err(e) = spawned {
             // Without the ticker deadlines never fire; say so loudly rather than hang later.
-            tracing::error!("cannot start the epoch ticker thread: {e}; plugin time limits are not enforced");
+            tracing::error!(
+                "cannot start the epoch ticker thread: {e}; plugin time limits are not enforced"
+            );
         }
         Self { stop }
     }
@@ -396,7 +410,9 @@ pub struct PluginInstance {
 
 impl PluginInstance {
     fn arm_deadline(&mut self) {
-        let ticks = self.timeout_ms.div_ceil(EPOCH_TICK.as_millis().max(1) as u64);
+        let ticks = self
+            .timeout_ms
+            .div_ceil(EPOCH_TICK.as_millis().max(1) as u64);
         self.store.set_epoch_deadline(ticks.max(1));
         self.store.epoch_deadline_trap();
         self.store.data_mut().log_lines = 0;
@@ -406,7 +422,9 @@ impl PluginInstance {
     pub fn process(&mut self, batch: &[InputRecord]) -> Result<BatchResult, PluginError> {
         self.arm_deadline();
         let Some(bindings) = &self.bindings else {
-            return Err(PluginError::Engine("instance used after init failed".into()));
+            return Err(PluginError::Engine(
+                "instance used after init failed".into(),
+            ));
         };
         let result = bindings
             .sluice_plugin_transform()

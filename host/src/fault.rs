@@ -1,0 +1,50 @@
+//! Fault injection for the crash tests: `SLUICE_FAULT_POINT=<name>` and `SLUICE_FAULT_AFTER=<n>`
+//! make the process abort (as `kill -9` would: no flush, no cleanup) the n-th time it reaches
+//! the named point. Unset (the normal case), a point costs one relaxed atomic load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// Points in the batch cycle where a crash is interesting.
+pub const AFTER_BEGIN: &str = "after_begin";
+pub const AFTER_INSERT: &str = "after_insert";
+pub const AFTER_DEAD_LETTERS: &str = "after_dead_letters";
+pub const AFTER_COMMIT: &str = "after_commit";
+
+struct Plan {
+    point: String,
+    after: u64,
+    hits: AtomicU64,
+}
+
+fn plan() -> Option<&'static Plan> {
+    static PLAN: OnceLock<Option<Plan>> = OnceLock::new();
+    PLAN.get_or_init(|| {
+        let point = std::env::var("SLUICE_FAULT_POINT").ok()?;
+        let after = std::env::var("SLUICE_FAULT_AFTER")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        Some(Plan {
+            point,
+            after,
+            hits: AtomicU64::new(0),
+        })
+    })
+    .as_ref()
+}
+
+/// Aborts the process if this is the configured point and hit.
+pub fn point(name: &str) {
+    let Some(p) = plan() else { return };
+    if p.point != name {
+        return;
+    }
+    if p.hits.fetch_add(1, Ordering::Relaxed) + 1 == p.after {
+        eprintln!(
+            "sluice: fault injection: aborting at {name} (hit {})",
+            p.after
+        );
+        std::process::abort();
+    }
+}
