@@ -439,3 +439,84 @@ async fn e2e_crash_at_each_point_of_the_batch_cycle() -> Result<()> {
     f.check_dead_letters().await?;
     Ok(())
 }
+
+/// One topic feeding two tables: the plugin routes refunds to their own table; the writer
+/// batches per table (each with its own deduplication token) and every valid event lands in
+/// exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_one_topic_feeds_two_tables() -> Result<()> {
+    let f = Fixture::new(2, 500, spec()).await?;
+    let refunds = unique_name("refunds");
+    let schema = std::fs::read_to_string(services::repo_root().join("demo/schema.sql"))?;
+    ch_execute(
+        &f.ch.url,
+        &schema.replace(
+            "IF NOT EXISTS transactions",
+            &format!("IF NOT EXISTS default.{refunds}"),
+        ),
+    )
+    .await?;
+    let text = std::fs::read_to_string(&f.config)?
+        .replace(
+            "        version: v1\n",
+            &format!("        version: v1\n        route_by_kind: {{refund: {refunds}}}\n"),
+        )
+        .replace(
+            &format!("    table: {}\n", f.table),
+            &format!("    table: {}\n    extra_tables: [{refunds}]\n", f.table),
+        );
+    std::fs::write(&f.config, text)?;
+
+    let valid = f.valid_events();
+    let expect_refunds: BTreeSet<String> = valid
+        .iter()
+        .filter(|(_, (e, _))| {
+            serde_json::from_slice::<serde_json::Value>(&e.value)
+                .map(|v| v["kind"] == "refund")
+                .unwrap_or(false)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    ensure!(!expect_refunds.is_empty(), "workload has no refunds");
+    let mut p = SluiceProcess::run(&f.config, &f.log(0))?;
+    let main_rows = (valid.len() - expect_refunds.len()) as u64;
+    f.wait_rows(&mut p, main_rows, Duration::from_secs(180))
+        .await?;
+    f.check_offsets().await?;
+    p.terminate(Duration::from_secs(30))?;
+
+    let ids = |table: String| {
+        let url = f.ch.url.clone();
+        async move {
+            let rows = query_rows_json(&url, &format!("SELECT id FROM default.{table}")).await?;
+            let ids: Vec<String> = rows
+                .iter()
+                .filter_map(|r| r["id"].as_str().map(str::to_string))
+                .collect();
+            anyhow::Ok(ids)
+        }
+    };
+    let got_refunds = ids(refunds.clone()).await?;
+    let got_main = ids(f.table.clone()).await?;
+    ensure!(
+        got_refunds.len() == expect_refunds.len(),
+        "{} refund rows, {} expected",
+        got_refunds.len(),
+        expect_refunds.len()
+    );
+    ensure!(
+        got_refunds.iter().cloned().collect::<BTreeSet<_>>() == expect_refunds,
+        "refund ids differ"
+    );
+    ensure!(
+        got_main.len() as u64 == main_rows,
+        "{} main rows, {main_rows} expected",
+        got_main.len()
+    );
+    ensure!(
+        got_main.iter().all(|id| !expect_refunds.contains(id)),
+        "a refund landed in the main table"
+    );
+    f.check_dead_letters().await?;
+    Ok(())
+}

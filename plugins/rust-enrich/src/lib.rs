@@ -16,13 +16,16 @@
 //! Config (the stage's `config` in the pipeline file), every field optional:
 //!
 //! ```json
-//! {"version": "v1", "table": null, "currency_allowlist": ["EUR", "USD"]}
+//! {"version": "v1", "table": null, "currency_allowlist": ["EUR", "USD"],
+//!  "route_by_kind": {"refund": "refunds"}}
 //! ```
 //!
 //! - `version`: written to `plugin_version` (default `"v1"`), so rows show which plugin
 //!   version produced them across hot swaps;
 //! - `table`: destination table, `null` for the pipeline's default;
-//! - `currency_allowlist`: if not empty, other currencies are rejected as `invalid`.
+//! - `currency_allowlist`: if not empty, other currencies are rejected as `invalid`;
+//! - `route_by_kind`: events whose `kind` is a key go to that table instead (one topic feeding
+//!   several tables).
 
 // Tests may unwrap: a panic there is a test failure with a backtrace.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -41,6 +44,8 @@ struct Settings {
     table: Option<String>,
     #[serde(default)]
     currency_allowlist: Vec<String>,
+    #[serde(default)]
+    route_by_kind: std::collections::BTreeMap<String, String>,
 }
 
 fn default_version() -> String {
@@ -53,6 +58,7 @@ pub struct Enrich {
     version: String,
     table: Option<String>,
     currency_allowlist: Vec<String>,
+    route_by_kind: std::collections::BTreeMap<String, String>,
 }
 
 fn is_currency_code(s: &str) -> bool {
@@ -97,6 +103,7 @@ impl Transform for Enrich {
             version: settings.version,
             table: settings.table,
             currency_allowlist: settings.currency_allowlist,
+            route_by_kind: settings.route_by_kind,
         })
     }
 
@@ -133,7 +140,11 @@ impl Transform for Enrich {
         row.insert("source_offset".into(), record.source.offset.into());
         row.insert("plugin_version".into(), self.version.as_str().into());
 
-        Ok(match &self.table {
+        let routed = row
+            .get("kind")
+            .and_then(Value::as_str)
+            .and_then(|k| self.route_by_kind.get(k));
+        Ok(match routed.or(self.table.as_ref()) {
             Some(table) => Output::row_to(table, row),
             None => Output::row(row),
         })
@@ -260,6 +271,17 @@ mod tests {
         let out = run(r#"{"version": "v2", "table": "tx_enriched"}"#, &[event()]);
         assert_eq!(out.outputs[0].table.as_deref(), Some("tx_enriched"));
         assert_eq!(out.outputs[0].value["plugin_version"], "v2");
+    }
+
+    #[test]
+    fn route_by_kind_picks_the_table() {
+        let config = r#"{"table": "main", "route_by_kind": {"refund": "refunds"}}"#;
+        let out = run(
+            config,
+            &[event(), with("kind", json!("refund")), without("kind")],
+        );
+        let tables: Vec<_> = out.outputs.iter().map(|o| o.table.as_deref()).collect();
+        assert_eq!(tables, [Some("main"), Some("refunds"), Some("main")]);
     }
 
     #[test]

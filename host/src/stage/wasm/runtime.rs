@@ -315,7 +315,10 @@ impl PluginRuntime {
 
 fn compile_hint(bytes: &[u8], e: &wasmtime::Error) -> String {
     // Core modules start with version 1; components with the component-model layer marker.
-    if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0] {
+    let core_header = bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0];
+    // WAT text has no header; wasmtime's message says the same thing.
+    let core_text = format!("{e:#}").contains("wasm module with a component parser");
+    if core_header || core_text {
         return format!(
             "{e:#} (this is a core WebAssembly module, not a component: build for wasm32-wasip2 or wrap it with `wasm-tools component new`)"
         );
