@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite, as CI does (.ci/run = scripts/install-deps.sh + this):
+# Runs the whole test suite, as CI does (.ci/run calls this):
 #
+#   0. scripts/install-deps.sh (idempotent; a fresh machine gets everything it needs)
 #   1. cargo fmt --check
 #   2. cargo clippy (release profile, all targets, warnings are errors), build the sluice binary
 #   3. local ClickHouse + noida-db broker, then cargo test --release --workspace against them
@@ -112,6 +113,11 @@ run_e2e_tansu() {
 }
 
 echo "==> CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
+# Without its dependencies nothing below can run: stop at once if the install fails.
+t0=$SECONDS
+echo "==> [install-deps] scripts/install-deps.sh"
+scripts/install-deps.sh
+echo "==> [install-deps] ok in $(fmt_duration $((SECONDS - t0)))"
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --release --workspace --all-targets -- -D warnings
 # The end-to-end tests run the real binary (target/release/sluice), which `cargo test` does not

@@ -220,10 +220,11 @@ fn pipeline_points_at_compose_services() -> anyhow::Result<()> {
     let database = str_at(&pipeline, &["sink", "clickhouse", "database"]).unwrap_or("default");
     let table = str_at(&pipeline, &["sink", "clickhouse", "table"])
         .ok_or_else(|| anyhow!("deploy/pipeline.yaml: sink.clickhouse.table missing"))?;
-    let init = std::fs::read_to_string(root.join("deploy/clickhouse-init.sql"))?;
+    let init = std::fs::read_to_string(root.join("demo/schema.sql"))?;
+    assert_eq!(database, "default");
     assert!(
-        init.contains(&format!("CREATE TABLE IF NOT EXISTS {database}.{table}")),
-        "deploy/clickhouse-init.sql does not create {database}.{table}"
+        init.contains(&format!("CREATE TABLE IF NOT EXISTS {table}")),
+        "demo/schema.sql (mounted as the init SQL) does not create {table}"
     );
     assert!(
         init.contains("non_replicated_deduplication_window"),
@@ -259,4 +260,19 @@ mod toml_like {
             .ok_or_else(|| anyhow!("bad rust-version line {line:?}"))?;
         Ok(Manifest { rust_version })
     }
+}
+
+/// The mounted pipeline is a valid sluice config (parsed by sluice itself, unknown keys and
+/// all), so the compose file cannot drift from the config format.
+#[test]
+fn mounted_pipeline_parses_with_sluice() -> anyhow::Result<()> {
+    let path = repo_root().join("deploy/pipeline.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    let cfg = sluice::config::LoadedConfig::from_str(&path, &text)?;
+    assert_eq!(cfg.pipeline.kafka.brokers, "kafka:9092");
+    assert_eq!(cfg.pipeline.stages.len(), 1);
+    // The demo pipeline parses too (its variables all have defaults).
+    let demo = repo_root().join("demo/pipeline.yaml");
+    sluice::config::LoadedConfig::from_str(&demo, &std::fs::read_to_string(&demo)?)?;
+    Ok(())
 }

@@ -10,10 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Deserialize;
 
 use super::encode::RowEncoder;
-use super::types::TableSchema;
+use super::types::{SchemaError, TableSchema};
 use crate::config::{ClickHouseConfig, UnknownFieldsPolicy};
 use crate::record::{DeadLetter, Record};
 
@@ -52,14 +51,6 @@ impl SinkError {
     }
 }
 
-#[derive(Debug, clickhouse::Row, Deserialize)]
-struct ColumnRow {
-    name: String,
-    #[serde(rename = "type")]
-    ty: String,
-    default_kind: String,
-}
-
 /// A table the sink writes to: its insertable columns and the encoder built from them.
 pub struct TableWriter {
     pub schema: TableSchema,
@@ -80,11 +71,6 @@ pub struct ClickHouseSink {
     database: String,
     default_table: String,
     tables: HashMap<String, TableWriter>,
-}
-
-/// Quotes an identifier for ClickHouse SQL.
-pub fn quote_ident(name: &str) -> String {
-    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
 }
 
 impl ClickHouseSink {
@@ -112,17 +98,8 @@ impl ClickHouseSink {
         for t in names {
             let schema = load_schema(&client, &cfg.database, t).await?;
             let encoder = RowEncoder::new(&schema, unknown_policy(cfg.unknown_fields));
-            let cols: Vec<String> = schema
-                .columns
-                .iter()
-                .map(|c| quote_ident(&c.name))
-                .collect();
-            let insert_sql = format!(
-                "INSERT INTO {}.{} ({}) FORMAT RowBinaryWithDefaults",
-                quote_ident(&cfg.database),
-                quote_ident(t),
-                cols.join(", ")
-            );
+            // Built from the same schema as the encoder, so column order matches byte layout.
+            let insert_sql = schema.insert_sql();
             tables.insert(
                 t.clone(),
                 TableWriter {
@@ -262,30 +239,18 @@ pub async fn load_schema(
     database: &str,
     table: &str,
 ) -> Result<TableSchema, SinkError> {
-    let schema_err = |message: String| SinkError::Schema {
-        database: database.to_string(),
-        table: table.to_string(),
-        message,
-    };
-    let rows = client
-        .query("SELECT name, type, default_kind FROM system.columns WHERE database = ? AND table = ? ORDER BY position")
-        .bind(database)
-        .bind(table)
-        .fetch_all::<ColumnRow>()
+    TableSchema::fetch(client, database, table)
         .await
-        .map_err(|e| schema_err(e.to_string()))?;
-    if rows.is_empty() {
-        return Err(SinkError::MissingTable {
-            database: database.to_string(),
-            table: table.to_string(),
-        });
-    }
-    TableSchema::from_columns(
-        database,
-        table,
-        rows.into_iter().map(|r| (r.name, r.ty, r.default_kind)),
-    )
-    .map_err(|e| schema_err(e.to_string()))
+        .map_err(|e| match e {
+            SchemaError::TableNotFound { database, table } => {
+                SinkError::MissingTable { database, table }
+            }
+            other => SinkError::Schema {
+                database: database.to_string(),
+                table: table.to_string(),
+                message: other.to_string(),
+            },
+        })
 }
 
 /// ClickHouse error codes that mean "try again later" rather than "this insert is wrong".
@@ -357,10 +322,5 @@ mod tests {
         assert_eq!(a, dedup_token("p", "t", 0, 10, 20, "x"));
         assert_ne!(a, dedup_token("p", "t", 0, 10, 20, "y"));
         assert_ne!(a, dedup_token("p", "t", 1, 10, 20, "x"));
-    }
-
-    #[test]
-    fn identifiers_are_quoted() {
-        assert_eq!(quote_ident("a`b"), "`a\\`b`");
     }
 }

@@ -5,8 +5,8 @@ wasmtime::component::bindgen!({
     path: "../wit",
 });
 
-pub use sluice::plugin::log::{Field, Level};
-pub use sluice::plugin::types::{
+pub use self::sluice::plugin::log::{Field, Level};
+pub use self::sluice::plugin::types::{
     BatchResult, ErrorKind, Header, InputRecord, OutputRecord, RecordError, Source,
 };
 
