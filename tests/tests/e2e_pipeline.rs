@@ -419,7 +419,7 @@ async fn e2e_crash_at_each_point_of_the_batch_cycle() -> Result<()> {
         );
         replays += p
             .log_text()
-            .matches("rebuilding batch from the journal")
+            .matches("re-sending batch from the journal")
             .count();
     }
     let mut p = SluiceProcess::run(&f.config, &f.log(run))?;
@@ -427,7 +427,7 @@ async fn e2e_crash_at_each_point_of_the_batch_cycle() -> Result<()> {
     f.check_offsets().await?;
     replays += p
         .log_text()
-        .matches("rebuilding batch from the journal")
+        .matches("re-sending batch from the journal")
         .count();
     p.terminate(Duration::from_secs(30))?;
     // Crashes after the journal entry and before the commit must have been replayed exactly.

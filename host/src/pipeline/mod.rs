@@ -2,17 +2,19 @@
 //! dead-letter topic, then the offset commit.
 //!
 //! Order of effects for one batch (the exactly-once argument):
-//! 1. the batch's offset range is written to the journal (synced);
-//! 2. stages run and rows are encoded (pure, deterministic for a given input);
+//! 1. stages run (their state changes held in a transaction) and rows are encoded;
+//! 2. in ONE synced RocksDB write: the stage-state changes, the batch's offset range (journal)
+//!    and its encoded output (outbox);
 //! 3. rows are inserted with a token derived from the offset range;
 //! 4. dead letters are produced and acknowledged;
 //! 5. `first..=last` is committed to the consumer group;
-//! 6. the journal entry is closed.
+//! 6. the journal entry is closed and the outbox dropped.
 //!
-//! A crash before 5 replays the batch: the source starts again at `first`, the journal says
-//! where the batch ended, the same rows are rebuilt and re-sent with the same token, and
-//! ClickHouse drops them if step 3 had completed. A crash between 5 and 6 leaves a journal
-//! entry behind an already-committed offset; it is recognised and discarded.
+//! A crash before 2 loses nothing: no state changed, nothing was sent, the batch is consumed
+//! again. A crash between 2 and 6 leaves the outbox: when the partition is next consumed, the
+//! outbox is re-sent exactly as it was (same rows, same tokens, so ClickHouse drops what had
+//! landed), the offsets are committed, and consumption continues after `last`. Stages never
+//! process a batch twice, so their state always matches what reached ClickHouse.
 
 mod batch;
 
@@ -31,7 +33,7 @@ use crate::record::{DeadLetter, Record};
 use crate::sink::clickhouse::writer::{dedup_token, ClickHouseSink, SinkError};
 use crate::source::kafka::{Committer, KafkaSource, RebalanceEvent, SourceError};
 use crate::stage::{BatchContext, PartitionKey, Stage, StageError};
-use crate::state::{PartitionJournal, StateError, StateStore};
+use crate::state::{Outbox, PartitionJournal, StateError, StateStore};
 use batch::{Accumulator, SealedBatch};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,15 +52,17 @@ pub enum PipelineError {
     Worker(String),
 }
 
-/// Counters for progress lines (and, later, metrics).
+/// Counters for progress lines (and metrics).
 #[derive(Debug, Default)]
 pub struct Stats {
     pub consumed: AtomicU64,
     pub batches: AtomicU64,
     pub rows_inserted: AtomicU64,
     pub dead_letters: AtomicU64,
-    pub replayed_batches: AtomicU64,
+    pub recovered_batches: AtomicU64,
     pub skipped_records: AtomicU64,
+    /// Per stage counter name (`dedup.duplicates`, ...).
+    pub stage_counters: Mutex<HashMap<String, u64>>,
 }
 
 impl Stats {
@@ -69,6 +73,26 @@ impl Stats {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
+
+    pub fn stage_counter(&self, name: &str) -> u64 {
+        self.stage_counters
+            .lock()
+            .map(|m| m.get(name).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+/// What the consumer loop hands to the worker, in order.
+enum WorkItem {
+    /// A fresh batch to process.
+    Batch(SealedBatch),
+    /// A batch fixed in the journal before a stop: re-send its outbox.
+    Recover {
+        partition: PartitionKey,
+        first: i64,
+        last: i64,
+        outbox: Outbox,
+    },
 }
 
 pub struct Pipeline {
@@ -107,12 +131,21 @@ impl Pipeline {
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), PipelineError> {
-        let p = &self.cfg.pipeline;
-        let (source, mut events) = KafkaSource::connect(&p.kafka, &self.cfg.instance_id())?;
-        let (tx, rx) = mpsc::channel::<SealedBatch>(2);
+        let p = self.cfg.pipeline.clone();
+        // Side topics (e.g. a join's other stream) go straight to the stage that owns them.
+        let mut side: HashMap<String, usize> = HashMap::new();
+        for (i, s) in self.stages.iter().enumerate() {
+            for t in s.side_topics() {
+                side.insert(t, i);
+            }
+        }
+        let extra: Vec<String> = side.keys().cloned().collect();
+        let (source, mut events) = KafkaSource::connect(&p.kafka, &self.cfg.instance_id(), &extra)?;
+        let (tx, rx) = mpsc::channel::<WorkItem>(2);
         let worker = Worker {
             pipeline: p.name.clone(),
             stages: Arc::new(Mutex::new(std::mem::take(&mut self.stages))),
+            side,
             sink: self.sink.clone(),
             dlq: self.dlq.clone(),
             state: self.state.clone(),
@@ -128,7 +161,7 @@ impl Pipeline {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_report = Instant::now();
         tokio::pin!(shutdown);
-        tracing::info!(pipeline = %p.name, topics = ?p.kafka.topics, "pipeline started");
+        tracing::info!(pipeline = %p.name, topics = ?p.kafka.topics, side_topics = ?extra, "pipeline started");
 
         let result: Result<(), PipelineError> = loop {
             tokio::select! {
@@ -138,7 +171,7 @@ impl Pipeline {
                 Some(ev) = events.recv() => {
                     if let RebalanceEvent::Revoked(parts) = ev {
                         for pk in parts {
-                            // Not committed: the next owner replays from the committed offset.
+                            // Not committed: the next owner consumes it again.
                             accs.remove(&pk);
                             journals.remove(&pk);
                         }
@@ -149,34 +182,38 @@ impl Pipeline {
                     Stats::add(&self.stats.consumed, 1);
                     let pk = PartitionKey { topic: origin.topic.to_string(), partition: origin.partition };
                     if !journals.contains_key(&pk) {
-                        let j = self.state.journal(&pk)?;
+                        // First record of this partition since it was assigned: finish the
+                        // batch a previous run left in flight before anything else.
+                        let mut j = self.state.journal(&pk)?;
+                        if let Some(pending) = j.pending {
+                            match self.state.outbox(&pk)? {
+                                Some(outbox) => {
+                                    tracing::info!(partition = %pk, first = pending.first, last = pending.last,
+                                        "re-sending batch from the journal");
+                                    Stats::add(&self.stats.recovered_batches, 1);
+                                    let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox };
+                                    if tx.send(item).await.is_err() {
+                                        break Err(worker_exit((&mut worker_task).await));
+                                    }
+                                    j.next_offset = Some(pending.last + 1);
+                                }
+                                None => tracing::warn!(partition = %pk, "journal entry without outbox; consuming the batch again"),
+                            }
+                            j.pending = None;
+                        }
                         journals.insert(pk.clone(), j);
                     }
-                    let Some(journal) = journals.get_mut(&pk) else { continue };
+                    let Some(journal) = journals.get(&pk) else { continue };
                     if journal.next_offset.is_some_and(|n| origin.offset < n) {
-                        // Already inserted and committed (the group's offset was behind the journal).
+                        // Already in ClickHouse (the group's offset was behind the journal).
                         Stats::add(&self.stats.skipped_records, 1);
                         continue;
                     }
-                    if let Some(pending) = journal.pending {
-                        if origin.offset > pending.last {
-                            // The pending batch was committed before the crash: nothing to rebuild.
-                            self.state.drop_pending(&pk)?;
-                            journal.pending = None;
-                        }
-                    }
-                    let acc = accs.entry(pk.clone()).or_insert_with(|| {
-                        let replay = journal.pending.take();
-                        if let Some(r) = replay {
-                            tracing::info!(partition = %pk, first = r.first, last = r.last, "rebuilding batch from the journal");
-                        }
-                        Accumulator::new(replay)
-                    });
+                    let acc = accs.entry(pk.clone()).or_insert_with(Accumulator::new);
                     acc.push(Record::from_origin(Arc::new(origin)));
                     if acc.is_full(&batch_cfg) {
                         if let Some(sealed) = accs.remove(&pk).and_then(|a| a.seal(&pk)) {
-                            if sealed.replay { Stats::add(&self.stats.replayed_batches, 1); }
-                            if tx.send(sealed).await.is_err() {
+                            if tx.send(WorkItem::Batch(sealed)).await.is_err() {
                                 break Err(worker_exit((&mut worker_task).await));
                             }
                         }
@@ -189,7 +226,7 @@ impl Pipeline {
                         .collect();
                     for pk in aged {
                         if let Some(sealed) = accs.remove(&pk).and_then(|a| a.seal(&pk)) {
-                            if tx.send(sealed).await.is_err() {
+                            if tx.send(WorkItem::Batch(sealed)).await.is_err() {
                                 return Err(worker_exit((&mut worker_task).await));
                             }
                         }
@@ -202,14 +239,10 @@ impl Pipeline {
             }
         };
         if result.is_ok() {
-            // Graceful stop: flush complete batches; a half-rebuilt replay batch stays in the
-            // journal and is finished by the next run.
+            // Graceful stop: flush what has been consumed.
             for (pk, acc) in accs.drain() {
-                if acc.is_replay() {
-                    continue;
-                }
                 if let Some(sealed) = acc.seal(&pk) {
-                    if tx.send(sealed).await.is_err() {
+                    if tx.send(WorkItem::Batch(sealed)).await.is_err() {
                         break;
                     }
                 }
@@ -245,11 +278,13 @@ fn worker_exit(r: Result<Result<(), PipelineError>, tokio::task::JoinError>) -> 
     }
 }
 
-/// Processes sealed batches one at a time, in order (per partition order is what matters for
-/// commits; one worker keeps it simple and deterministic).
+/// Processes work items one at a time, in order (per-partition order is what commits need;
+/// one worker keeps it simple and deterministic).
 struct Worker {
     pipeline: String,
     stages: Arc<Mutex<Vec<Box<dyn Stage>>>>,
+    /// Side topic → index of the stage that consumes it.
+    side: HashMap<String, usize>,
     sink: Arc<ClickHouseSink>,
     dlq: Arc<DeadLetterQueue>,
     state: Arc<StateStore>,
@@ -271,11 +306,10 @@ impl Backoff {
         let base = 100u64
             .saturating_mul(1u64 << self.attempt.min(9))
             .min(30_000);
-        let nanos = Instant::now().elapsed().subsec_nanos() as u64
-            ^ std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos() as u64)
-                .unwrap_or(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::from(d.subsec_nanos()))
+            .unwrap_or(0);
         let jitter = nanos % (base / 2 + 1);
         self.attempt += 1;
         tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
@@ -283,9 +317,17 @@ impl Backoff {
 }
 
 impl Worker {
-    async fn run(self, mut rx: mpsc::Receiver<SealedBatch>) -> Result<(), PipelineError> {
-        while let Some(batch) = rx.recv().await {
-            self.process(batch).await?;
+    async fn run(self, mut rx: mpsc::Receiver<WorkItem>) -> Result<(), PipelineError> {
+        while let Some(item) = rx.recv().await {
+            match item {
+                WorkItem::Batch(b) => self.process(b).await?,
+                WorkItem::Recover {
+                    partition,
+                    first,
+                    last,
+                    outbox,
+                } => self.deliver(&partition, first, last, outbox).await?,
+            }
         }
         Ok(())
     }
@@ -298,14 +340,10 @@ impl Worker {
             .map_err(|e| PipelineError::Worker(e.to_string()))
     }
 
+    /// Steps 1 and 2: run the stages, encode, and fix the batch in the journal.
     async fn process(&self, batch: SealedBatch) -> Result<(), PipelineError> {
         let pk = batch.partition.clone();
         let (first, last) = (batch.first, batch.last);
-        let state = self.state.clone();
-        let key = pk.clone();
-        Self::blocking(move || state.begin_batch(&key, first, last)).await??;
-        fault::point(fault::AFTER_BEGIN);
-
         let ctx = BatchContext {
             pipeline: self.pipeline.clone(),
             partition: pk.clone(),
@@ -314,26 +352,61 @@ impl Worker {
         };
         let stages = self.stages.clone();
         let sink = self.sink.clone();
+        let state = self.state.clone();
+        let side_stage = self.side.get(&pk.topic).copied();
+        let stats = self.stats.clone();
         let records = batch.records;
-        let (tables, dead_letters) = Self::blocking(move || {
+        let outbox = Self::blocking(move || {
             let mut stages = stages
                 .lock()
                 .map_err(|_| PipelineError::Worker("a stage panicked earlier".into()))?;
+            let mut txn = state.txn();
             let mut records = records;
             let mut dead: Vec<DeadLetter> = Vec::new();
-            for stage in stages.iter_mut() {
-                let out = stage.process(records, &ctx)?;
+            let start = side_stage.unwrap_or(0);
+            for (i, stage) in stages.iter_mut().enumerate().skip(start) {
+                let out = if Some(i) == side_stage {
+                    stage.process_side(records, &ctx, &mut txn)?
+                } else {
+                    stage.process(records, &ctx, &mut txn)?
+                };
                 records = out.records;
                 dead.extend(out.dead_letters);
+                if !out.counters.is_empty() {
+                    if let Ok(mut m) = stats.stage_counters.lock() {
+                        for (name, n) in out.counters {
+                            *m.entry(format!("{}.{name}", stage.name())).or_default() += n;
+                        }
+                    }
+                }
             }
             let tables = sink.encode(records, &mut dead);
-            Ok::<_, PipelineError>((tables, dead))
+            let outbox = Outbox {
+                tables: tables
+                    .into_iter()
+                    .map(|(t, e)| (t, e.rows as u64, e.data))
+                    .collect(),
+                dead_letters: dead,
+            };
+            state.begin_batch(&ctx.partition, first, last, txn, &outbox)?;
+            Ok::<_, PipelineError>(outbox)
         })
         .await??;
+        fault::point(fault::AFTER_BEGIN);
+        self.deliver(&pk, first, last, outbox).await
+    }
 
-        for (table, enc) in tables {
+    /// Steps 3 to 6, for a fresh batch or one recovered from the journal.
+    async fn deliver(
+        &self,
+        pk: &PartitionKey,
+        first: i64,
+        last: i64,
+        outbox: Outbox,
+    ) -> Result<(), PipelineError> {
+        for (table, rows, data) in outbox.tables {
             let token = dedup_token(&self.pipeline, &pk.topic, pk.partition, first, last, &table);
-            let data = Bytes::from(enc.data);
+            let data = Bytes::from(data);
             let mut backoff = Backoff::new();
             loop {
                 match self.sink.insert(&table, data.clone(), &token).await {
@@ -345,11 +418,11 @@ impl Worker {
                     Err(e) => return Err(e.into()),
                 }
             }
-            Stats::add(&self.stats.rows_inserted, enc.rows as u64);
+            Stats::add(&self.stats.rows_inserted, rows);
         }
-
         fault::point(fault::AFTER_INSERT);
 
+        let dead_letters = outbox.dead_letters;
         if !dead_letters.is_empty() {
             let mut backoff = Backoff::new();
             loop {
@@ -363,12 +436,11 @@ impl Worker {
             }
             Stats::add(&self.stats.dead_letters, dead_letters.len() as u64);
         }
-
         fault::point(fault::AFTER_DEAD_LETTERS);
 
         let mut backoff = Backoff::new();
         loop {
-            match self.committer.commit(&pk, last + 1).await {
+            match self.committer.commit(pk, last + 1).await {
                 Ok(()) => break,
                 Err(e) if backoff.attempt < 5 => {
                     tracing::warn!("{e}; retrying");
@@ -379,7 +451,8 @@ impl Worker {
         }
         fault::point(fault::AFTER_COMMIT);
         let state = self.state.clone();
-        Self::blocking(move || state.complete_batch(&pk, last)).await??;
+        let key = pk.clone();
+        Self::blocking(move || state.complete_batch(&key, last)).await??;
         Stats::add(&self.stats.batches, 1);
         Ok(())
     }

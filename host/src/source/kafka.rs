@@ -117,10 +117,12 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// `instance_id` becomes `group.instance.id` unless the properties set one.
+    /// `instance_id` becomes `group.instance.id` unless the properties set one. `side_topics`
+    /// are consumed in the same group as the pipeline's topics (stages that join them).
     pub fn connect(
         cfg: &KafkaConfig,
         instance_id: &str,
+        side_topics: &[String],
     ) -> Result<(Self, mpsc::UnboundedReceiver<RebalanceEvent>), SourceError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut c = base_client_config(cfg);
@@ -143,11 +145,18 @@ impl KafkaSource {
                 group: cfg.group_id.clone(),
             })
             .map_err(|e| SourceError::Create(e.to_string()))?;
-        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        let mut all = cfg.topics.clone();
+        all.extend(
+            side_topics
+                .iter()
+                .filter(|t| !cfg.topics.contains(t))
+                .cloned(),
+        );
+        let topics: Vec<&str> = all.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
             .map_err(|e| SourceError::Subscribe {
-                topics: cfg.topics.clone(),
+                topics: all.clone(),
                 message: e.to_string(),
             })?;
         Ok((

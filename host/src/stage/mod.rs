@@ -4,6 +4,7 @@
 pub mod wasm;
 
 use crate::record::{DeadLetter, Record};
+use crate::state::StateTxn;
 
 /// Identifies the Kafka partition a batch comes from. Batches never span partitions, so state
 /// kept per partition can move with the partition on rebalance.
@@ -33,6 +34,8 @@ pub struct BatchContext {
 pub struct StageOutput {
     pub records: Vec<Record>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Named counts for metrics (`duplicates`, `join_matches`, ...).
+    pub counters: Vec<(&'static str, u64)>,
 }
 
 /// A failure of the stage itself (not of a record): the batch cannot proceed and will be retried
@@ -46,15 +49,38 @@ pub struct StageError {
 
 /// One step of a pipeline, called once per batch.
 ///
-/// Must be deterministic for a given input and state: after a crash the engine rebuilds the same
-/// batch and relies on getting the same rows (the ClickHouse deduplication token covers the batch).
+/// State lives in `state` (RocksDB behind a per-batch transaction: use
+/// `state.stage(self.name(), ctx.partition.partition)`). The engine writes the transaction
+/// together with the batch's journal entry and encoded output, so state always matches what
+/// reached ClickHouse, and a batch interrupted by a crash is re-sent from that record rather
+/// than processed again. Stages should still be deterministic: it keeps rewinds predictable.
 pub trait Stage: Send {
     fn name(&self) -> &str;
+
+    /// Topics this stage consumes besides the pipeline's own (e.g. the other side of a join).
+    /// The engine subscribes to them and hands their batches to [`Stage::process_side`].
+    fn side_topics(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     fn process(
         &mut self,
         batch: Vec<Record>,
         ctx: &BatchContext,
+        state: &mut StateTxn<'_>,
     ) -> Result<StageOutput, StageError>;
+
+    /// A batch from one of [`Stage::side_topics`]. Its output continues through the stages
+    /// after this one.
+    fn process_side(
+        &mut self,
+        batch: Vec<Record>,
+        ctx: &BatchContext,
+        state: &mut StateTxn<'_>,
+    ) -> Result<StageOutput, StageError> {
+        let _ = (batch, ctx, state);
+        Ok(StageOutput::default())
+    }
 }
 
 /// Builds the configured stages in order. This is the one place that maps config kinds to

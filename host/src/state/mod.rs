@@ -1,17 +1,33 @@
 //! Durable pipeline state in RocksDB, one database per pipeline.
 //!
-//! The batch journal lives here: the boundaries of a batch are written (synced) *before* it is
-//! inserted, so after a crash the very same batch is rebuilt and re-sent with the same
-//! deduplication token, and ClickHouse drops it if it had already landed.
+//! Three column families:
+//! - `journal`: per source partition, the offset after the last completed batch and the batch
+//!   in flight, if any;
+//! - `outbox`: the encoded output (rows per table, dead letters) of the batch in flight;
+//! - `stage`: stage state (dedup keys, join buffers), namespaced per stage and partition.
+//!
+//! A batch's stage-state changes, its journal entry and its outbox are written in **one**
+//! synced RocksDB write before anything leaves the process. After a crash the outbox is re-sent
+//! as it was (same rows, same deduplication tokens) instead of being recomputed, so stateful
+//! stages never see a batch twice and state always matches what reached ClickHouse.
+
+mod codec;
+mod txn;
 
 use std::path::{Path, PathBuf};
 
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::stage::PartitionKey;
+pub use codec::Outbox;
+pub use txn::{StageState, StateTxn};
 
 const CF_JOURNAL: &str = "journal";
+const CF_OUTBOX: &str = "outbox";
+const CF_STAGE: &str = "stage";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -19,7 +35,7 @@ pub enum StateError {
     Open { path: PathBuf, message: String },
     #[error("state store: {0}")]
     Io(String),
-    #[error("state store: corrupt journal entry for {key}: {message}")]
+    #[error("state store: corrupt entry for {key}: {message}")]
     Corrupt { key: String, message: String },
 }
 
@@ -45,6 +61,22 @@ pub struct PartitionJournal {
     pub pending: Option<PendingBatch>,
 }
 
+/// Memory knobs of the state store (RocksDB block cache and write buffers).
+#[derive(Debug, Clone, Copy)]
+pub struct StateMemory {
+    pub block_cache_mb: usize,
+    pub write_buffer_mb: usize,
+}
+
+impl Default for StateMemory {
+    fn default() -> Self {
+        Self {
+            block_cache_mb: 64,
+            write_buffer_mb: 32,
+        }
+    }
+}
+
 pub struct StateStore {
     db: DB,
     path: PathBuf,
@@ -52,6 +84,10 @@ pub struct StateStore {
 
 impl StateStore {
     pub fn open(dir: &Path) -> Result<Self, StateError> {
+        Self::open_with(dir, StateMemory::default())
+    }
+
+    pub fn open_with(dir: &Path, mem: StateMemory) -> Result<Self, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| StateError::Open {
             path: dir.to_path_buf(),
             message: e.to_string(),
@@ -59,10 +95,26 @@ impl StateStore {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        // The journal is tiny; keep RocksDB's own memory small.
-        opts.set_write_buffer_size(4 * 1024 * 1024);
-        opts.set_max_open_files(256);
-        let cfs = vec![ColumnFamilyDescriptor::new(CF_JOURNAL, Options::default())];
+        opts.set_max_open_files(512);
+        // One block cache for all column families bounds read memory regardless of state size.
+        let cache = Cache::new_lru_cache(mem.block_cache_mb * 1024 * 1024);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+        table.set_cache_index_and_filter_blocks(true);
+        let cf_opts = |write_buffer_mb: usize| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
+            o.set_write_buffer_size(write_buffer_mb * 1024 * 1024);
+            o.set_max_write_buffer_number(2);
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o
+        };
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_JOURNAL, cf_opts(4)),
+            ColumnFamilyDescriptor::new(CF_OUTBOX, cf_opts(mem.write_buffer_mb)),
+            ColumnFamilyDescriptor::new(CF_STAGE, cf_opts(mem.write_buffer_mb)),
+        ];
         let path = dir.join("db");
         let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| StateError::Open {
             path: path.clone(),
@@ -75,21 +127,24 @@ impl StateStore {
         &self.path
     }
 
-    fn journal_key(pk: &PartitionKey) -> Vec<u8> {
+    fn partition_key(pk: &PartitionKey) -> Vec<u8> {
         let mut k = pk.topic.as_bytes().to_vec();
         k.push(0);
         k.extend_from_slice(&pk.partition.to_be_bytes());
         k
     }
 
-    fn cf(&self) -> Result<&rocksdb::ColumnFamily, StateError> {
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StateError> {
         self.db
-            .cf_handle(CF_JOURNAL)
-            .ok_or_else(|| StateError::Io("journal column family missing".into()))
+            .cf_handle(name)
+            .ok_or_else(|| StateError::Io(format!("column family {name} missing")))
     }
 
     pub fn journal(&self, pk: &PartitionKey) -> Result<PartitionJournal, StateError> {
-        match self.db.get_cf(self.cf()?, Self::journal_key(pk))? {
+        match self
+            .db
+            .get_cf(self.cf(CF_JOURNAL)?, Self::partition_key(pk))?
+        {
             None => Ok(PartitionJournal::default()),
             Some(v) => serde_json::from_slice(&v).map_err(|e| StateError::Corrupt {
                 key: pk.to_string(),
@@ -98,63 +153,134 @@ impl StateStore {
         }
     }
 
-    fn put_journal(&self, pk: &PartitionKey, j: &PartitionJournal) -> Result<(), StateError> {
-        let v = serde_json::to_vec(j).map_err(|e| StateError::Io(e.to_string()))?;
+    fn journal_bytes(pk: &PartitionKey, j: &PartitionJournal) -> Result<Vec<u8>, StateError> {
+        serde_json::to_vec(j).map_err(|e| StateError::Corrupt {
+            key: pk.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StateError> {
         let mut wo = WriteOptions::default();
-        // Synced: the guarantee depends on this record surviving a power cut, not just a crash.
-        wo.set_sync(true);
-        self.db
-            .put_cf_opt(self.cf()?, Self::journal_key(pk), v, &wo)?;
+        // Synced where the guarantee depends on the record surviving a power cut.
+        wo.set_sync(sync);
+        self.db.write_opt(batch, &wo)?;
         Ok(())
     }
 
-    /// Fixes a batch's boundaries before any part of it is sent to ClickHouse.
-    pub fn begin_batch(&self, pk: &PartitionKey, first: i64, last: i64) -> Result<(), StateError> {
-        let mut j = self.journal(pk)?;
-        j.pending = Some(PendingBatch { first, last });
-        self.put_journal(pk, &j)
+    /// A transaction for one batch's stage-state changes (see [`StateTxn`]).
+    pub fn txn(&self) -> StateTxn<'_> {
+        StateTxn::new(self)
     }
 
-    /// Records that a batch was inserted and its offsets committed.
+    /// Fixes a batch before any of it leaves the process: its state changes, its boundaries and
+    /// its encoded output, in one synced write.
+    pub fn begin_batch(
+        &self,
+        pk: &PartitionKey,
+        first: i64,
+        last: i64,
+        txn: StateTxn<'_>,
+        outbox: &Outbox,
+    ) -> Result<(), StateError> {
+        let mut j = self.journal(pk)?;
+        j.pending = Some(PendingBatch { first, last });
+        let key = Self::partition_key(pk);
+        let mut batch = txn.into_write_batch(self.cf(CF_STAGE)?);
+        batch.put_cf(self.cf(CF_JOURNAL)?, &key, Self::journal_bytes(pk, &j)?);
+        batch.put_cf(self.cf(CF_OUTBOX)?, &key, outbox.encode());
+        self.write(batch, true)
+    }
+
+    /// The output of the batch in flight on `pk`, if it was fixed before a stop.
+    pub fn outbox(&self, pk: &PartitionKey) -> Result<Option<Outbox>, StateError> {
+        let Some(v) = self
+            .db
+            .get_cf(self.cf(CF_OUTBOX)?, Self::partition_key(pk))?
+        else {
+            return Ok(None);
+        };
+        Outbox::decode(&v)
+            .map(Some)
+            .map_err(|message| StateError::Corrupt {
+                key: pk.to_string(),
+                message,
+            })
+            .map_err(Into::into)
+    }
+
+    /// Records that a batch was inserted and its offsets committed. Not synced: if this write
+    /// is lost, the outbox is re-sent once more and ClickHouse drops it by its token.
     pub fn complete_batch(&self, pk: &PartitionKey, last: i64) -> Result<(), StateError> {
         let mut j = self.journal(pk)?;
         j.pending = None;
         j.next_offset = Some(last + 1);
-        self.put_journal(pk, &j)
+        let key = Self::partition_key(pk);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_JOURNAL)?, &key, Self::journal_bytes(pk, &j)?);
+        batch.delete_cf(self.cf(CF_OUTBOX)?, &key);
+        self.write(batch, false)
     }
 
-    /// Forgets a pending batch that can no longer be rebuilt (its offsets are gone).
-    pub fn drop_pending(&self, pk: &PartitionKey) -> Result<(), StateError> {
-        let mut j = self.journal(pk)?;
-        j.pending = None;
-        self.put_journal(pk, &j)
-    }
-
-    /// Forgets everything about a partition (used by rewinds).
+    /// Forgets everything about a partition's progress (used by rewinds).
     pub fn reset_partition(&self, pk: &PartitionKey) -> Result<(), StateError> {
-        self.db.delete_cf(self.cf()?, Self::journal_key(pk))?;
-        Ok(())
+        let key = Self::partition_key(pk);
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_JOURNAL)?, &key);
+        batch.delete_cf(self.cf(CF_OUTBOX)?, &key);
+        self.write(batch, true)
+    }
+
+    fn stage_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.db.get_cf(self.cf(CF_STAGE)?, key)?)
+    }
+
+    /// Committed stage entries with keys in `[start, end)`.
+    fn stage_range(&self, start: &[u8], end: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(end.to_vec());
+        let it = self.db.iterator_cf_opt(
+            self.cf(CF_STAGE)?,
+            opts,
+            rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stage::PartitionKey;
 
-    #[test]
-    fn journal_survives_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pk = PartitionKey {
+    fn pk() -> PartitionKey {
+        PartitionKey {
             topic: "t".into(),
             partition: 3,
+        }
+    }
+
+    #[test]
+    fn batch_state_journal_and_outbox_are_written_together_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox {
+            tables: vec![("events".into(), 2, vec![1, 2, 3])],
+            dead_letters: vec![],
         };
         {
             let s = StateStore::open(dir.path()).expect("open");
-            assert_eq!(s.journal(&pk).expect("read"), PartitionJournal::default());
-            s.begin_batch(&pk, 10, 19).expect("begin");
+            assert_eq!(s.journal(&pk()).expect("read"), PartitionJournal::default());
+            let mut txn = s.txn();
+            txn.stage("dedup", 3).put(b"k", b"v");
+            s.begin_batch(&pk(), 10, 19, txn, &outbox).expect("begin");
         }
         let s = StateStore::open(dir.path()).expect("reopen");
-        let j = s.journal(&pk).expect("read");
+        let j = s.journal(&pk()).expect("read");
         assert_eq!(
             j.pending,
             Some(PendingBatch {
@@ -162,9 +288,16 @@ mod tests {
                 last: 19
             })
         );
-        s.complete_batch(&pk, 19).expect("complete");
-        let j = s.journal(&pk).expect("read");
+        assert_eq!(s.outbox(&pk()).expect("outbox"), Some(outbox));
+        let mut txn = s.txn();
+        assert_eq!(
+            txn.stage("dedup", 3).get(b"k").expect("get"),
+            Some(b"v".to_vec())
+        );
+        s.complete_batch(&pk(), 19).expect("complete");
+        let j = s.journal(&pk()).expect("read");
         assert_eq!(j.pending, None);
         assert_eq!(j.next_offset, Some(20));
+        assert_eq!(s.outbox(&pk()).expect("outbox"), None);
     }
 }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use crate::config::PluginLimits;
 use crate::record::{DeadLetter, Header, Record};
 use crate::stage::{BatchContext, Stage, StageError, StageOutput};
+use crate::state::StateTxn;
 use bindings::{BatchResult, InputRecord, Source};
 pub use runtime::{LoadedPlugin, LogLabels, PluginError, PluginInstance, PluginRuntime};
 
@@ -200,6 +201,7 @@ impl Stage for WasmStage {
         &mut self,
         batch: Vec<Record>,
         ctx: &BatchContext,
+        _state: &mut StateTxn<'_>,
     ) -> Result<StageOutput, StageError> {
         if batch.is_empty() {
             return Ok(StageOutput::default());
