@@ -18,8 +18,14 @@ use std::process::Command;
 const WASM_TARGET: &str = "wasm32-wasip2";
 
 /// (constant name, package, crate directory) of every plugin to build.
-const PLUGINS: &[(&str, &str, &str)] =
-    &[("ENRICH_WASM", "sluice-plugin-enrich", "plugins/rust-enrich")];
+const PLUGINS: &[(&str, &str, &str)] = &[
+    ("ENRICH_WASM", "sluice-plugin-enrich", "plugins/rust-enrich"),
+    (
+        "HOSTILE_WASM",
+        "sluice-plugin-test-hostile",
+        "plugins/test-hostile",
+    ),
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use sluice::config::LoadedConfig;
 use sluice::dlq::DeadLetterQueue;
-use sluice::pipeline::Pipeline;
+use sluice::pipeline::{Pipeline, PipelineError};
 use sluice::sink::clickhouse::writer::ClickHouseSink;
 use sluice::stage::wasm::PluginRuntime;
 use sluice::state::StateStore;
@@ -35,11 +35,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a pipeline until interrupted (SIGINT/SIGTERM flush and stop cleanly).
+    /// Run pipelines until interrupted (SIGINT/SIGTERM flush and stop cleanly). Several `-c`
+    /// run several pipelines in one process, isolated from each other: one whose plugin trips
+    /// its circuit breaker pauses alone.
     Run {
-        /// Pipeline file (YAML).
-        #[arg(short, long)]
-        config: PathBuf,
+        /// Pipeline file (YAML); repeat for more pipelines.
+        #[arg(short, long, required = true)]
+        config: Vec<PathBuf>,
     },
     /// Check a pipeline file, its plugins, its ClickHouse tables and its Kafka topics.
     Validate {
@@ -99,23 +101,83 @@ fn runtime_for(cfg: &LoadedConfig) -> anyhow::Result<PluginRuntime> {
     ))?)
 }
 
-async fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let cfg = LoadedConfig::load(path)?;
+async fn build_pipeline(cfg: LoadedConfig, runtime: &PluginRuntime) -> anyhow::Result<Pipeline> {
     let p = cfg.pipeline.clone();
-    let runtime = Arc::new(runtime_for(&cfg)?);
-    let stages = sluice::stage::build(&cfg, &runtime)?;
+    let stages = sluice::stage::build(&cfg, runtime)
+        .with_context(|| format!("{}: building stages", cfg.path.display()))?;
     let sink = ClickHouseSink::connect(&p.sink.clickhouse).await?;
     check_columns(&cfg, &sink)?;
     let state = StateStore::open(&cfg.state_dir())?;
     DeadLetterQueue::ensure_topic(&p.kafka, &p.dead_letter.topic).await?;
     let dlq = DeadLetterQueue::connect(&p.kafka, &p.dead_letter.topic, &p.name)?;
-    let pipeline = Pipeline::new(cfg, stages, sink, dlq, state);
-    pipeline
-        .run(shutdown_signal())
-        .await
-        .context("pipeline stopped")?;
-    tracing::info!("stopped cleanly");
-    Ok(ExitCode::SUCCESS)
+    Ok(Pipeline::new(cfg, stages, sink, dlq, state))
+}
+
+async fn run(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let mut cfgs = Vec::new();
+    for path in paths {
+        cfgs.push(LoadedConfig::load(path)?);
+    }
+    let Some(first) = cfgs.first() else {
+        anyhow::bail!("no pipeline file given");
+    };
+    // One engine for all pipelines: plugins are compiled once, epochs tick once.
+    let runtime = Arc::new(runtime_for(first)?);
+    let mut names = std::collections::HashSet::new();
+    for c in &cfgs {
+        if !names.insert(c.pipeline.name.clone()) {
+            anyhow::bail!(
+                "{}: pipeline name {:?} is used twice",
+                c.path.display(),
+                c.pipeline.name
+            );
+        }
+    }
+    let mut pipelines = Vec::new();
+    for cfg in cfgs {
+        let name = cfg.pipeline.name.clone();
+        pipelines.push((name, build_pipeline(cfg, &runtime).await?));
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, pipeline) in pipelines {
+        let mut rx = stop_rx.clone();
+        tasks.spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            (name, pipeline.run(stop).await)
+        });
+    }
+    let mut failed = false;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((name, Ok(()))) => tracing::info!(pipeline = %name, "stopped cleanly"),
+            Ok((name, Err(PipelineError::Stage(e)))) if e.breaker_open => {
+                failed = true;
+                tracing::error!(pipeline = %name, "pipeline PAUSED: {e}");
+                eprintln!("sluice: pipeline {name} paused: {e}");
+            }
+            Ok((name, Err(e))) => {
+                failed = true;
+                tracing::error!(pipeline = %name, "pipeline stopped: {e}");
+                eprintln!("error: pipeline {name} stopped: {e}");
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("error: pipeline task failed: {e}");
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Declared column types are checked at start too: a schema change is a clear startup error,

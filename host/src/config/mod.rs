@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::stage::dedup::DedupConfig;
+pub use crate::stage::join::JoinConfig;
 pub use env::expand_env;
 
 /// Errors reading a pipeline file. Each names the file and, where known, the key.
@@ -89,7 +91,7 @@ impl StartOffset {
     }
 }
 
-/// A stage: a unique name and exactly one kind key (`wasm:` ...).
+/// A stage: a unique name and exactly one kind key (`wasm:`, `dedup:` or `join:`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
@@ -97,18 +99,32 @@ pub struct StageConfig {
     /// A user WebAssembly component implementing the `sluice:plugin/plugin` world.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wasm: Option<WasmStageConfig>,
+    /// Built-in deduplication by key within a time window (state in RocksDB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<DedupConfig>,
+    /// Built-in join with another topic: `kind: interval` or `kind: lookup`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinConfig>,
 }
 
 /// The kind of a stage, borrowed from its config.
 #[derive(Debug, Clone, Copy)]
 pub enum StageKind<'a> {
     Wasm(&'a WasmStageConfig),
+    Dedup(&'a DedupConfig),
+    Join(&'a JoinConfig),
 }
 
 impl StageConfig {
     /// The one kind this stage has; `None` only for a config that failed [`LoadedConfig`] checks.
     pub fn kind(&self) -> Option<StageKind<'_>> {
-        let kinds: Vec<StageKind<'_>> = self.wasm.iter().map(StageKind::Wasm).collect();
+        let kinds: Vec<StageKind<'_>> = self
+            .wasm
+            .iter()
+            .map(StageKind::Wasm)
+            .chain(self.dedup.iter().map(StageKind::Dedup))
+            .chain(self.join.iter().map(StageKind::Join))
+            .collect();
         match kinds.as_slice() {
             [one] => Some(*one),
             _ => None,
@@ -117,6 +133,8 @@ impl StageConfig {
 
     fn kind_count(&self) -> usize {
         usize::from(self.wasm.is_some())
+            + usize::from(self.dedup.is_some())
+            + usize::from(self.join.is_some())
     }
 }
 
@@ -130,16 +148,33 @@ pub struct WasmStageConfig {
     pub config: serde_json::Value,
     #[serde(default)]
     pub limits: PluginLimits,
+    /// WASI capabilities granted to the plugin. None by default.
+    #[serde(default)]
+    pub wasi: WasiGrants,
+    /// After this many consecutive batches on which the plugin failed (trap, timeout, limit),
+    /// the stage trips and the pipeline pauses with a clear status instead of isolating
+    /// records forever. 0 disables the breaker.
+    #[serde(default = "default_breaker")]
+    pub breaker_failures: u32,
 }
 
-/// Per-call sandbox limits. Defaults are safe for untrusted code.
+fn default_breaker() -> u32 {
+    5
+}
+
+/// Per-plugin sandbox limits. Defaults are safe for untrusted code; a limit hit is a typed
+/// error for the batch (the offending records are isolated and dead-lettered), never a crash.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginLimits {
     /// Linear memory a plugin instance may grow to.
     pub memory_mb: u64,
-    /// Wall time one `process` call may take before it is interrupted.
+    /// Wall time one `process` call may take before it is interrupted (epoch deadline).
     pub timeout_ms: u64,
+    /// Total size of the outputs of one call (values, keys and headers).
+    pub max_output_mb: u64,
+    /// WebAssembly instances, tables and memories one plugin instance may create.
+    pub max_instances: usize,
 }
 
 impl Default for PluginLimits {
@@ -147,7 +182,59 @@ impl Default for PluginLimits {
         Self {
             memory_mb: 256,
             timeout_ms: 5_000,
+            max_output_mb: 64,
+            max_instances: 64,
         }
+    }
+}
+
+/// Narrow, explicit WASI grants. Everything not listed is denied: no files, no sockets, no
+/// environment; clocks and randomness are available as WASI defines them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WasiGrants {
+    /// Environment variables the plugin sees (explicit values; nothing is inherited).
+    pub env: BTreeMap<String, String>,
+    /// Host directories the plugin may read (read-only unless `writable`).
+    pub dirs: Vec<DirGrant>,
+    /// Let the plugin write to the host's stderr (debugging; use the log import otherwise).
+    pub stderr: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirGrant {
+    /// Directory on the host, relative to the pipeline file.
+    pub host: PathBuf,
+    /// Path the plugin sees.
+    pub guest: String,
+    #[serde(default)]
+    pub writable: bool,
+}
+
+impl WasiGrants {
+    /// One line per grant, for `validate` and logs.
+    pub fn describe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for k in self.env.keys() {
+            out.push(format!("env {k}"));
+        }
+        for d in &self.dirs {
+            out.push(format!(
+                "dir {} as {} ({})",
+                d.host.display(),
+                d.guest,
+                if d.writable {
+                    "read-write"
+                } else {
+                    "read-only"
+                }
+            ));
+        }
+        if self.stderr {
+            out.push("stderr".into());
+        }
+        out
     }
 }
 
@@ -359,8 +446,19 @@ impl LoadedConfig {
             if s.kind_count() != 1 {
                 return Err(self.invalid(
                     &format!("stages[{i}]"),
-                    format!("stage {:?} must have exactly one kind key (wasm)", s.name),
+                    format!(
+                        "stage {:?} must have exactly one kind key (wasm, dedup or join)",
+                        s.name
+                    ),
                 ));
+            }
+            let kind_check = match s.kind() {
+                Some(StageKind::Dedup(d)) => d.check(),
+                Some(StageKind::Join(j)) => j.check(&p.kafka.topics, &p.dead_letter.topic),
+                _ => Ok(()),
+            };
+            if let Err((key, message)) = kind_check {
+                return Err(self.invalid(&format!("stages[{i}].{key}"), message));
             }
             if !seen.insert(s.name.as_str()) {
                 return Err(self.invalid(

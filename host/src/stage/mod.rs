@@ -1,6 +1,9 @@
 //! Stages: everything between the source and the sink. Each implements [`Stage`]; the engine
 //! runs them in the configured order and knows nothing else about them.
 
+pub mod dedup;
+pub mod join;
+pub mod keyed;
 pub mod wasm;
 
 use crate::record::{DeadLetter, Record};
@@ -45,6 +48,18 @@ pub struct StageOutput {
 pub struct StageError {
     pub stage: String,
     pub message: String,
+    /// The stage tripped its circuit breaker: the pipeline pauses instead of retrying.
+    pub breaker_open: bool,
+}
+
+impl StageError {
+    pub fn new(stage: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            stage: stage.into(),
+            message: message.into(),
+            breaker_open: false,
+        }
+    }
 }
 
 /// One step of a pipeline, called once per batch.
@@ -83,6 +98,22 @@ pub trait Stage: Send {
     }
 }
 
+/// The sandbox options of a WASM stage, with granted directories resolved against the file.
+pub fn wasm_options(
+    cfg: &crate::config::LoadedConfig,
+    w: &crate::config::WasmStageConfig,
+) -> wasm::WasmOptions {
+    let mut grants = w.wasi.clone();
+    for d in &mut grants.dirs {
+        d.host = cfg.resolve(&d.host);
+    }
+    wasm::WasmOptions {
+        limits: w.limits.clone(),
+        grants,
+        breaker_failures: w.breaker_failures,
+    }
+}
+
 /// Builds the configured stages in order. This is the one place that maps config kinds to
 /// stage implementations.
 pub fn build(
@@ -94,13 +125,24 @@ pub fn build(
         match s.kind() {
             Some(crate::config::StageKind::Wasm(w)) => {
                 let plugin = runtime.load_file(&cfg.resolve(&w.plugin))?;
-                stages.push(Box::new(wasm::WasmStage::new(
+                stages.push(Box::new(wasm::WasmStage::with_options(
                     &cfg.pipeline.name,
                     &s.name,
                     plugin,
                     &w.config,
-                    w.limits.clone(),
+                    wasm_options(cfg, w),
                 )?));
+            }
+            Some(crate::config::StageKind::Dedup(d)) => {
+                stages.push(Box::new(dedup::DedupStage::new(&s.name, d)));
+            }
+            Some(crate::config::StageKind::Join(j)) => {
+                // Only a config that skipped `LoadedConfig` checks can fail here.
+                stages.push(
+                    join::build(&s.name, j).map_err(|m| {
+                        wasm::PluginError::Engine(format!("stage {:?}: {m}", s.name))
+                    })?,
+                );
             }
             // Unreachable for a config that passed `LoadedConfig` checks.
             None => {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use rocksdb::{ColumnFamily, WriteBatch};
 
-use super::{StateError, StateStore};
+use super::{Entries, StateError, StateStore};
 
 /// Reads see committed state plus this transaction's own writes.
 pub struct StateTxn<'s> {
@@ -91,7 +91,7 @@ impl StageState<'_, '_> {
     }
 
     /// Entries with relative keys in `[start, end)`, in key order, including this batch's writes.
-    pub fn range(&self, start: &[u8], end: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    pub fn range(&self, start: &[u8], end: &[u8]) -> Result<Entries, StateError> {
         let (s, e) = (self.full(start), self.full(end));
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
             .txn
@@ -111,7 +111,7 @@ impl StageState<'_, '_> {
     }
 
     /// Entries whose relative key starts with `prefix`.
-    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, StateError> {
         match prefix_end(prefix) {
             Some(end) => self.range(prefix, &end),
             None => {

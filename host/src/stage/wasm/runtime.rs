@@ -4,17 +4,16 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{self, BatchResult, InputRecord, Plugin, PluginPre};
-use crate::config::PluginLimits;
+use crate::config::{PluginLimits, WasiGrants};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -44,6 +43,14 @@ pub enum PluginError {
     Timeout { name: String, timeout_ms: u64 },
     #[error("plugin {name}: exceeded its memory limit of {limit_mb} MiB")]
     MemoryLimit { name: String, limit_mb: u64 },
+    #[error("plugin {name}: produced {bytes} bytes of output for one call, over its limit of {limit_mb} MiB")]
+    OutputLimit {
+        name: String,
+        bytes: usize,
+        limit_mb: u64,
+    },
+    #[error("plugin {name}: cannot grant WASI capability: {message}")]
+    Grant { name: String, message: String },
     #[error("plugin cache {path}: {message}")]
     Cache { path: PathBuf, message: String },
     #[error("wasm engine: {0}")]
@@ -56,6 +63,7 @@ impl PluginError {
         match self {
             PluginError::Timeout { .. } => "timeout",
             PluginError::MemoryLimit { .. } => "memory",
+            PluginError::OutputLimit { .. } => "output_limit",
             PluginError::Trap { .. } => "trap",
             PluginError::Init { .. } => "init",
             _ => "plugin",
@@ -129,6 +137,7 @@ impl bindings::sluice::plugin::log::Host for HostState {
 /// is reported as a memory-limit error rather than an opaque crash.
 struct MemoryLimiter {
     max_bytes: usize,
+    max_instances: usize,
     exceeded: bool,
 }
 
@@ -154,43 +163,39 @@ impl ResourceLimiter for MemoryLimiter {
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
-}
 
-/// Advances the engine's epoch every [`EPOCH_TICK`]. Holds only a weak reference so a dropped
-/// runtime stops its thread.
-struct EpochTicker {
-    stop: Arc<AtomicBool>,
-}
+    fn instances(&self) -> usize {
+        self.max_instances
+    }
 
-impl EpochTicker {
-    fn start(engine: &Engine) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let weak = engine.weak();
-        let flag = stop.clone();
-        let spawned = std::thread::Builder::new()
-            .name("sluice-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            // Without the ticker deadlines never fire; say so loudly rather than hang later.
-            tracing::error!(
-                "cannot start the epoch ticker thread: {e}; plugin time limits are not enforced"
-            );
-        }
-        Self { stop }
+    fn tables(&self) -> usize {
+        self.max_instances
+    }
+
+    fn memories(&self) -> usize {
+        self.max_instances
     }
 }
 
-impl Drop for EpochTicker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+/// Advances the engine's epoch every [`EPOCH_TICK`] for as long as the engine lives: the thread
+/// holds only a weak reference and ends when the last plugin, instance and runtime using the
+/// engine are gone (stopping it earlier would leave running plugins without a deadline).
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("sluice-epoch".into())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => break,
+            }
+        });
+    if let Err(e) = spawned {
+        // Without the ticker deadlines never fire; say so loudly rather than hang later.
+        tracing::error!(
+            "cannot start the epoch ticker thread: {e}; plugin time limits are not enforced"
+        );
     }
 }
 
@@ -199,7 +204,6 @@ pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<HostState>,
     cache_dir: Option<PathBuf>,
-    _ticker: EpochTicker,
 }
 
 impl PluginRuntime {
@@ -215,12 +219,11 @@ impl PluginRuntime {
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
-        let ticker = EpochTicker::start(&engine);
+        start_epoch_ticker(&engine);
         Ok(Self {
             engine,
             linker,
             cache_dir,
-            _ticker: ticker,
         })
     }
 
@@ -350,25 +353,50 @@ impl LoadedPlugin {
         format!("{}@{}", self.name, self.version)
     }
 
+    /// The WASI context: empty (no preopened directories, no environment, no network) except
+    /// for what `grants` lists. Directory paths must already be resolved.
+    fn wasi_ctx(&self, grants: &WasiGrants) -> Result<WasiCtx, PluginError> {
+        let mut b = WasiCtx::builder();
+        b.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for (k, v) in &grants.env {
+            b.env(k, v);
+        }
+        for d in &grants.dirs {
+            let perms = if d.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            b.preopened_dir(&d.host, &d.guest, perms)
+                .map_err(|e| PluginError::Grant {
+                    name: self.id(),
+                    message: format!("directory {}: {e:#}", d.host.display()),
+                })?;
+        }
+        if grants.stderr {
+            b.inherit_stderr();
+        }
+        Ok(b.build())
+    }
+
     /// A fresh sandboxed instance with `init(config)` already called.
     pub fn instantiate(
         &self,
         config_json: &str,
         limits: &PluginLimits,
+        grants: &WasiGrants,
         labels: Arc<LogLabels>,
     ) -> Result<PluginInstance, PluginError> {
         let engine = self.pre.engine();
         let state = HostState {
-            // An empty context: no preopened directories, no environment, no network.
-            wasi: WasiCtx::builder()
-                .allow_tcp(false)
-                .allow_udp(false)
-                .allow_ip_name_lookup(false)
-                .build(),
+            wasi: self.wasi_ctx(grants)?,
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
                 max_bytes: usize::try_from(limits.memory_mb.saturating_mul(1024 * 1024))
                     .unwrap_or(usize::MAX),
+                max_instances: limits.max_instances,
                 exceeded: false,
             },
             log_labels: labels,
@@ -380,6 +408,7 @@ impl LoadedPlugin {
             name: self.id(),
             timeout_ms: limits.timeout_ms,
             memory_mb: limits.memory_mb,
+            max_output_mb: limits.max_output_mb,
             bindings: None,
             store,
         };
@@ -407,6 +436,7 @@ pub struct PluginInstance {
     name: String,
     timeout_ms: u64,
     memory_mb: u64,
+    max_output_mb: u64,
     bindings: Option<Plugin>,
     store: Store<HostState>,
 }
@@ -441,7 +471,29 @@ impl PluginInstance {
             let l = &self.store.data().log_labels;
             tracing::warn!(pipeline = %l.pipeline, stage = %l.stage, plugin = %l.plugin, "dropped {dropped} log lines from one plugin call");
         }
-        result.map_err(|e| self.classify(e))
+        let result = result.map_err(|e| self.classify(e))?;
+        let bytes: usize = result
+            .outputs
+            .iter()
+            .map(|o| {
+                o.value.len()
+                    + o.key.as_ref().map_or(0, Vec::len)
+                    + o.headers
+                        .iter()
+                        .map(|h| h.key.len() + h.value.len())
+                        .sum::<usize>()
+            })
+            .sum();
+        let limit =
+            usize::try_from(self.max_output_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+        if bytes > limit {
+            return Err(PluginError::OutputLimit {
+                name: self.name.clone(),
+                bytes,
+                limit_mb: self.max_output_mb,
+            });
+        }
+        Ok(result)
     }
 
     fn classify(&self, e: wasmtime::Error) -> PluginError {

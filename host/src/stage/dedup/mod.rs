@@ -1,0 +1,576 @@
+//! The dedup stage: keeps the first record per key within a time window and drops the rest.
+//!
+//! State, per stage and partition (nothing per key is kept in memory):
+//! - `K` + key → where and when the key was first seen (event time, topic, partition, offset);
+//! - `T` + time + key → nothing: the time index, swept oldest first as the watermark moves;
+//! - `W` → the watermark: the largest event time seen on the partition;
+//! - `C` → the sweep cursor: no index entry is older than it.
+//!
+//! A key is live while its first sighting is at most `window` older than the watermark; an
+//! expired key counts as absent (and is deleted when looked up), so the answer never depends on
+//! when the sweep ran. A record at the exact position where its key was first seen is that first
+//! occurrence again (a rewound partition), never its own duplicate. Records older than
+//! `watermark - window` cannot be checked (their key may already be forgotten) and pass.
+
+pub mod config;
+
+use crate::record::Record;
+use crate::state::{StageState, StateError, StateTxn};
+
+use super::keyed::{
+    event_time, get_i64, key_of, parse_json, put_i64, state_error, ts_bytes, ts_from_bytes, Reject,
+    Sweeper,
+};
+use super::{BatchContext, Stage, StageError, StageOutput};
+pub use config::DedupConfig;
+
+const WATERMARK: &[u8] = b"W";
+const CURSOR: &[u8] = b"C";
+const KEY: u8 = b'K';
+const INDEX: u8 = b'T';
+
+/// Where and when a key was first seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FirstSeen {
+    ts: i64,
+    partition: i32,
+    offset: i64,
+    topic: Vec<u8>,
+}
+
+impl FirstSeen {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(20 + self.topic.len());
+        v.extend_from_slice(&ts_bytes(self.ts));
+        v.extend_from_slice(&self.partition.to_be_bytes());
+        v.extend_from_slice(&self.offset.to_be_bytes());
+        v.extend_from_slice(&self.topic);
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Self> {
+        if v.len() < 20 {
+            return None;
+        }
+        Some(Self {
+            ts: ts_from_bytes(&v[..8])?,
+            partition: i32::from_be_bytes(v[8..12].try_into().ok()?),
+            offset: i64::from_be_bytes(v[12..20].try_into().ok()?),
+            topic: v[20..].to_vec(),
+        })
+    }
+
+    fn is_position_of(&self, r: &Record) -> bool {
+        self.offset == r.origin.offset
+            && self.partition == r.origin.partition
+            && self.topic == r.origin.topic.as_bytes()
+    }
+}
+
+fn key_entry(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(KEY);
+    k.extend_from_slice(key);
+    k
+}
+
+fn index_entry(ts: i64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + key.len());
+    k.push(INDEX);
+    k.extend_from_slice(&ts_bytes(ts));
+    k.extend_from_slice(key);
+    k
+}
+
+pub struct DedupStage {
+    name: String,
+    cfg: DedupConfig,
+    window_ms: i64,
+    sweeper: Sweeper,
+}
+
+impl DedupStage {
+    pub fn new(name: &str, cfg: &DedupConfig) -> Self {
+        Self {
+            name: name.to_string(),
+            window_ms: cfg.window.as_millis_i64(),
+            cfg: cfg.clone(),
+            sweeper: Sweeper::default(),
+        }
+    }
+
+    fn key_and_time(&self, r: &Record) -> Result<(Vec<u8>, i64), Reject> {
+        let v = parse_json(r)?;
+        let key = key_of(&v, &self.cfg.key)?;
+        let ts = match &self.cfg.time {
+            Some(t) => event_time(&v, t)?,
+            None => r.origin.timestamp_ms.ok_or_else(|| {
+                Reject::schema(
+                    "the Kafka message has no timestamp (set `time.field` to use an event-time field)",
+                )
+            })?,
+        };
+        Ok((key, ts))
+    }
+
+    fn run(
+        &mut self,
+        batch: Vec<Record>,
+        st: &mut StageState<'_, '_>,
+    ) -> Result<StageOutput, StateError> {
+        let mut out = StageOutput::default();
+        let (mut duplicates, mut unchecked, mut expired) = (0u64, 0u64, 0u64);
+        let old_wm = get_i64(st, WATERMARK)?;
+        let old_cursor = get_i64(st, CURSOR)?;
+        let (mut wm, mut cursor) = (old_wm, old_cursor);
+        let budget = (batch.len() * 2).max(4_096);
+        for r in batch {
+            let (key, ts) = match self.key_and_time(&r) {
+                Ok(kt) => kt,
+                Err(reject) => {
+                    out.dead_letters
+                        .push(reject.into_dead_letter(&self.name, &r));
+                    continue;
+                }
+            };
+            let w = wm.map_or(ts, |w| w.max(ts));
+            wm = Some(w);
+            let oldest_live = w.saturating_sub(self.window_ms);
+            if ts < oldest_live {
+                // Its key may be forgotten already: no answer is reliable, and dropping data on
+                // a guess is worse than a rare duplicate.
+                unchecked += 1;
+                out.records.push(r);
+                continue;
+            }
+            let k = key_entry(&key);
+            if let Some(v) = st.get(&k)? {
+                let seen = FirstSeen::decode(&v).ok_or_else(|| StateError::Corrupt {
+                    key: format!("{} dedup entry", self.name),
+                    message: "truncated".into(),
+                })?;
+                if seen.ts >= oldest_live {
+                    if seen.is_position_of(&r) {
+                        out.records.push(r);
+                    } else {
+                        duplicates += 1;
+                    }
+                    continue;
+                }
+                st.delete(&index_entry(seen.ts, &key));
+                expired += 1;
+            }
+            let seen = FirstSeen {
+                ts,
+                partition: r.origin.partition,
+                offset: r.origin.offset,
+                topic: r.origin.topic.as_bytes().to_vec(),
+            };
+            st.put(&k, &seen.encode());
+            st.put(&index_entry(ts, &key), b"");
+            cursor = Some(cursor.map_or(ts, |c| c.min(ts)));
+            out.records.push(r);
+        }
+
+        if let (Some(w), Some(c)) = (wm, cursor) {
+            let cutoff = w.saturating_sub(self.window_ms);
+            if c < cutoff {
+                let (entries, next) = self.sweeper.expired(st, INDEX, c, cutoff, budget)?;
+                for e in entries {
+                    st.delete(&index_entry(e.ts, &e.rest));
+                    st.delete(&key_entry(&e.rest));
+                    expired += 1;
+                }
+                cursor = Some(next);
+            }
+        }
+        if wm != old_wm {
+            if let Some(w) = wm {
+                put_i64(st, WATERMARK, w);
+            }
+        }
+        if cursor != old_cursor {
+            if let Some(c) = cursor {
+                put_i64(st, CURSOR, c);
+            }
+        }
+        out.counters.push(("duplicates", duplicates));
+        out.counters.push(("dedup_expired", expired));
+        out.counters.push(("dedup_unchecked_late", unchecked));
+        Ok(out)
+    }
+}
+
+impl Stage for DedupStage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn process(
+        &mut self,
+        batch: Vec<Record>,
+        ctx: &BatchContext,
+        state: &mut StateTxn<'_>,
+    ) -> Result<StageOutput, StageError> {
+        let name = self.name.clone();
+        let mut st = state.stage(&name, ctx.partition.partition);
+        self.run(batch, &mut st)
+            .map_err(|e| state_error(&self.name, e))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use serde_json::json;
+
+    use super::*;
+    use crate::record::Origin;
+    use crate::stage::PartitionKey;
+    use crate::state::{Outbox, StateStore};
+
+    pub(crate) fn record(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        value: serde_json::Value,
+    ) -> Record {
+        record_ts(topic, partition, offset, value, Some(0))
+    }
+
+    pub(crate) fn record_ts(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        value: serde_json::Value,
+        timestamp_ms: Option<i64>,
+    ) -> Record {
+        let v = if value.is_null() {
+            Bytes::new()
+        } else {
+            Bytes::from(serde_json::to_vec(&value).unwrap())
+        };
+        Record::from_origin(Arc::new(Origin {
+            topic: Arc::from(topic),
+            partition,
+            offset,
+            timestamp_ms,
+            key: None,
+            value: v,
+            headers: vec![],
+        }))
+    }
+
+    pub(crate) fn ctx(topic: &str, partition: i32) -> BatchContext {
+        BatchContext {
+            pipeline: "p".into(),
+            partition: PartitionKey {
+                topic: topic.into(),
+                partition,
+            },
+            first_offset: 0,
+            last_offset: 0,
+        }
+    }
+
+    /// Runs one batch and commits its state the way the engine does.
+    pub(crate) fn run_batch(
+        store: &StateStore,
+        stage: &mut dyn Stage,
+        side: bool,
+        batch: Vec<Record>,
+    ) -> StageOutput {
+        let (topic, partition) = batch
+            .first()
+            .map(|r| (r.origin.topic.to_string(), r.origin.partition))
+            .unwrap_or(("t".into(), 0));
+        let c = ctx(&topic, partition);
+        let mut txn = store.txn();
+        let out = if side {
+            stage.process_side(batch, &c, &mut txn).unwrap()
+        } else {
+            stage.process(batch, &c, &mut txn).unwrap()
+        };
+        store
+            .begin_batch(&c.partition, 0, 0, txn, &Outbox::default())
+            .unwrap();
+        store.complete_batch(&c.partition, 0).unwrap();
+        out
+    }
+
+    pub(crate) fn counter(out: &StageOutput, name: &str) -> u64 {
+        out.counters
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    fn ids(out: &StageOutput) -> Vec<String> {
+        out.records
+            .iter()
+            .map(|r| {
+                let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+                v["id"].as_str().unwrap_or_default().to_string()
+            })
+            .collect()
+    }
+
+    fn stage(yaml: &str) -> DedupStage {
+        let cfg: DedupConfig = serde_yaml_ng::from_str(yaml).unwrap();
+        cfg.check().unwrap();
+        DedupStage::new("dedup", &cfg)
+    }
+
+    const BASE: i64 = 1_795_428_000_000;
+
+    fn ev(id: &str, ts: i64) -> serde_json::Value {
+        json!({"id": id, "ts": ts})
+    }
+
+    #[test]
+    fn keeps_first_occurrence_within_a_batch_and_across_batches_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = stage("key: /id\nwindow: 1h\ntime: {field: /ts}\n");
+        {
+            let store = StateStore::open(dir.path()).unwrap();
+            let out = run_batch(
+                &store,
+                &mut s,
+                false,
+                vec![
+                    record("t", 0, 0, ev("a", BASE)),
+                    record("t", 0, 1, ev("b", BASE + 1)),
+                    record("t", 0, 2, ev("a", BASE + 2)),
+                ],
+            );
+            assert_eq!(ids(&out), ["a", "b"]);
+            assert_eq!(counter(&out, "duplicates"), 1);
+            assert!(out.dead_letters.is_empty());
+        }
+        let store = StateStore::open(dir.path()).unwrap();
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![
+                record("t", 0, 3, ev("b", BASE + 10)),
+                record("t", 0, 4, ev("c", BASE + 11)),
+            ],
+        );
+        assert_eq!(ids(&out), ["c"]);
+        assert_eq!(counter(&out, "duplicates"), 1);
+    }
+
+    #[test]
+    fn a_record_at_its_first_position_is_never_its_own_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("key: /id\nwindow: 1h\ntime: {field: /ts}\n");
+        let batch = || {
+            vec![
+                record("t", 0, 0, ev("a", BASE)),
+                record("t", 0, 1, ev("a", BASE)),
+            ]
+        };
+        assert_eq!(ids(&run_batch(&store, &mut s, false, batch())), ["a"]);
+        // The partition is rewound and read again: offset 0 is still the first occurrence.
+        let out = run_batch(&store, &mut s, false, batch());
+        assert_eq!(ids(&out), ["a"]);
+        assert_eq!(counter(&out, "duplicates"), 1);
+        // The same key from another partition's offset 0 is a duplicate.
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![record("u", 0, 0, ev("a", BASE))],
+        );
+        assert!(out.records.is_empty());
+    }
+
+    #[test]
+    fn partitions_have_separate_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("key: /id\nwindow: 1h\ntime: {field: /ts}\n");
+        run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![record("t", 0, 0, ev("a", BASE))],
+        );
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![record("t", 1, 0, ev("a", BASE))],
+        );
+        assert_eq!(ids(&out), ["a"]);
+    }
+
+    #[test]
+    fn keys_expire_by_event_time_and_out_of_order_records_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("key: /id\nwindow: 10s\ntime: {field: /ts}\n");
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![
+                record("t", 0, 0, ev("a", BASE)),
+                // Out of order but inside the window: checked, and a duplicate.
+                record("t", 0, 1, ev("b", BASE + 8_000)),
+                record("t", 0, 2, ev("a", BASE + 3_000)),
+                record("t", 0, 3, ev("c", BASE - 1_000)),
+                record("t", 0, 4, ev("c", BASE + 7_000)),
+            ],
+        );
+        assert_eq!(ids(&out), ["a", "b", "c"]);
+        // 10 s after its first sighting `a` is still remembered ...
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![record("t", 0, 5, ev("a", BASE + 10_000))],
+        );
+        assert!(out.records.is_empty());
+        // ... and forgotten once the watermark is more than 10 s past it.
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![
+                record("t", 0, 6, ev("d", BASE + 10_001)),
+                record("t", 0, 7, ev("a", BASE + 10_001)),
+            ],
+        );
+        assert_eq!(ids(&out), ["d", "a"]);
+        assert!(counter(&out, "dedup_expired") >= 1);
+        // A record older than the window cannot be checked: it passes.
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![record("t", 0, 8, ev("z", BASE - 60_000))],
+        );
+        assert_eq!(ids(&out), ["z"]);
+        assert_eq!(counter(&out, "dedup_unchecked_late"), 1);
+    }
+
+    #[test]
+    fn the_sweep_bounds_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("key: /id\nwindow: 1s\ntime: {field: /ts}\n");
+        for b in 0..20i64 {
+            let batch = (0..500)
+                .map(|i| {
+                    let n = b * 500 + i;
+                    record("t", 0, n, ev(&format!("k{n}"), BASE + n * 10))
+                })
+                .collect();
+            run_batch(&store, &mut s, false, batch);
+        }
+        // The last event is at BASE + 99 990 ms: only keys of the last second (100 of them)
+        // may remain, plus whatever the sweep of the last batch had not reached yet.
+        let mut txn = store.txn();
+        let st = txn.stage("dedup", 0);
+        let keys = st.scan_prefix(b"K").unwrap().len();
+        let index = st.scan_prefix(b"T").unwrap().len();
+        assert_eq!(keys, index);
+        assert!(keys <= 101, "{keys} keys left");
+        assert!(keys >= 100, "{keys} keys left");
+    }
+
+    #[test]
+    fn composite_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("key: [/id, /src]\nwindow: 1h\ntime: {field: /ts}\n");
+        let r =
+            |o, id: &str, src: &str| record("t", 0, o, json!({"id": id, "src": src, "ts": BASE}));
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![
+                r(0, "a", "x"),
+                r(1, "a", "y"),
+                r(2, "a", "x"),
+                r(3, "ax", ""),
+                r(4, "a", "x"),
+            ],
+        );
+        assert_eq!(ids(&out), ["a", "a", "ax"]);
+        assert_eq!(counter(&out, "duplicates"), 2);
+    }
+
+    #[test]
+    fn bad_records_are_dead_lettered_with_the_pointer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("key: [/id, /src]\nwindow: 1h\ntime: {field: /ts, format: rfc3339}\n");
+        let mut broken = record("t", 0, 3, json!(null));
+        broken.value = Bytes::from_static(b"{not json");
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![
+                record("t", 0, 0, json!({"id": "a", "ts": "2026-11-23T10:00:00Z"})),
+                record("t", 0, 1, json!({"id": "a", "src": "x", "ts": 5})),
+                record(
+                    "t",
+                    0,
+                    2,
+                    json!({"id": "a", "src": "x", "ts": "2026-11-23T10:00:00Z"}),
+                ),
+                broken,
+            ],
+        );
+        assert_eq!(out.records.len(), 1);
+        let dl: Vec<(&str, &str, i64)> = out
+            .dead_letters
+            .iter()
+            .map(|d| (d.kind.as_str(), d.message.as_str(), d.origin.offset))
+            .collect();
+        assert_eq!(dl.len(), 3);
+        assert_eq!(dl[0], ("schema", "key field /src is missing", 0));
+        assert_eq!(dl[1].0, "schema");
+        assert!(dl[1].1.starts_with("time field /ts"), "{}", dl[1].1);
+        assert_eq!(dl[2].0, "parse");
+        assert!(out
+            .dead_letters
+            .iter()
+            .all(|d| d.stage == "dedup" && d.plugin.is_none()));
+        assert_eq!(counter(&out, "duplicates"), 0);
+    }
+
+    #[test]
+    fn processing_time_is_the_kafka_timestamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("key: /id\nwindow: 10s\n");
+        let r = |o, ts| record_ts("t", 0, o, json!({"id": "a"}), ts);
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![r(0, Some(BASE)), r(1, Some(BASE + 5_000))],
+        );
+        assert_eq!(out.records.len(), 1);
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![r(2, Some(BASE + 20_000)), r(3, None)],
+        );
+        assert_eq!(out.records.len(), 1);
+        assert_eq!(out.dead_letters.len(), 1);
+        assert!(out.dead_letters[0].message.contains("no timestamp"));
+    }
+}

@@ -1,0 +1,720 @@
+//! The interval join: a left record (the pipeline's) and a right record (the side topic's) with
+//! equal keys pair when `left.ts - before <= right.ts <= left.ts + after`.
+//!
+//! Both sides are buffered in state, by key and time for matching and in time indexes for
+//! expiry. A pair is emitted when the later of its two records arrives, so each pair is emitted
+//! exactly once. The watermark is the smaller of the two sides' largest event times; a record
+//! more than `allowed_lateness` behind it is dead-lettered as `late`. A buffered record is
+//! dropped once no record that is not late could pair with it any more; a left record that never
+//! paired is then emitted with the right side null (`left_outer`).
+//!
+//! Because the watermark is the *minimum* of both sides, the set of emitted rows does not depend
+//! on how the engine interleaves left and right batches, only on each side's own disorder.
+//!
+//! State, per stage and partition number:
+//! - `L` + key + time + position → the left record (see [`super::codec`]);
+//! - `R` + key + time + position → the right record's JSON;
+//! - `X` + time + key + position → matched flag (the left expiry index);
+//! - `Y` + time + key + position → nothing (the right expiry index);
+//! - `WL`, `WR` → the largest event time seen on each side; `CX`, `CY` → sweep cursors.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::record::Record;
+use crate::stage::keyed::{
+    event_time, get_i64, key_of, parse_json, put_i64, state_error, ts_bytes, ts_from_bytes,
+    IndexEntry, OutputShape, Reject, Sweeper,
+};
+use crate::stage::{BatchContext, Stage, StageError, StageOutput};
+use crate::state::{StageState, StateError, StateTxn};
+
+use super::codec;
+use super::config::{IntervalJoinConfig, JoinMode};
+
+const LEFT: u8 = b'L';
+const RIGHT: u8 = b'R';
+const LEFT_INDEX: u8 = b'X';
+const RIGHT_INDEX: u8 = b'Y';
+const WM_LEFT: &[u8] = b"WL";
+const WM_RIGHT: &[u8] = b"WR";
+const CURSOR_LEFT: &[u8] = b"CX";
+const CURSOR_RIGHT: &[u8] = b"CY";
+
+/// `tag` + key length + key + time + position: all records of a key, in time order.
+fn data_key(tag: u8, key: &[u8], ts: i64, pos: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(13 + key.len() + pos.len());
+    k.push(tag);
+    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    k.extend_from_slice(key);
+    k.extend_from_slice(&ts_bytes(ts));
+    k.extend_from_slice(pos);
+    k
+}
+
+/// `tag` + time + key length + key + position: all records in time order.
+fn index_key(tag: u8, ts: i64, key: &[u8], pos: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(13 + key.len() + pos.len());
+    k.push(tag);
+    k.extend_from_slice(&ts_bytes(ts));
+    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    k.extend_from_slice(key);
+    k.extend_from_slice(pos);
+    k
+}
+
+/// (key, position) from the part of an index key after the time.
+fn split_index_rest(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let key = rest.get(4..4 + n)?;
+    Some((key, &rest[4 + n..]))
+}
+
+/// (time, position) from a data key of a known key.
+fn split_data_key(k: &[u8], key_len: usize) -> Option<(i64, &[u8])> {
+    let at = 5 + key_len;
+    let ts = ts_from_bytes(k.get(at..at + 8)?)?;
+    Some((ts, &k[at + 8..]))
+}
+
+/// Data keys of `key` with time in `[lo, hi]`.
+fn time_range(tag: u8, key: &[u8], lo: i64, hi: i64) -> (Vec<u8>, Vec<u8>) {
+    let start = data_key(tag, key, lo, b"");
+    let end = data_key(tag, key, hi.saturating_add(1), b"");
+    (start, end)
+}
+
+/// A record's place in its source: offset, a sequence number among the outputs of the same
+/// Kafka message, and the topic. Unique within a partition number.
+fn position(r: &Record, seq: u32) -> Vec<u8> {
+    let mut p = Vec::with_capacity(12 + r.origin.topic.len());
+    p.extend_from_slice(&r.origin.offset.to_be_bytes());
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(r.origin.topic.as_bytes());
+    p
+}
+
+fn corrupt(stage: &str, what: &str) -> StateError {
+    StateError::Corrupt {
+        key: format!("{stage} {what}"),
+        message: "cannot decode".into(),
+    }
+}
+
+pub struct IntervalJoinStage {
+    name: String,
+    cfg: IntervalJoinConfig,
+    shape: OutputShape,
+    before: i64,
+    after: i64,
+    lateness: i64,
+    left_sweeper: Sweeper,
+    right_sweeper: Sweeper,
+}
+
+/// Per-batch view of the side watermarks and cursors, written back once at the end.
+struct Marks {
+    left: Option<i64>,
+    right: Option<i64>,
+    cursor_left: Option<i64>,
+    cursor_right: Option<i64>,
+    old: [Option<i64>; 4],
+}
+
+impl Marks {
+    fn load(st: &StageState<'_, '_>) -> Result<Self, StateError> {
+        let old = [
+            get_i64(st, WM_LEFT)?,
+            get_i64(st, WM_RIGHT)?,
+            get_i64(st, CURSOR_LEFT)?,
+            get_i64(st, CURSOR_RIGHT)?,
+        ];
+        Ok(Self {
+            left: old[0],
+            right: old[1],
+            cursor_left: old[2],
+            cursor_right: old[3],
+            old,
+        })
+    }
+
+    fn watermark(&self) -> Option<i64> {
+        Some(self.left?.min(self.right?))
+    }
+
+    fn store(&self, st: &mut StageState<'_, '_>) {
+        let now = [self.left, self.right, self.cursor_left, self.cursor_right];
+        for (i, key) in [WM_LEFT, WM_RIGHT, CURSOR_LEFT, CURSOR_RIGHT]
+            .iter()
+            .enumerate()
+        {
+            if now[i] != self.old[i] {
+                if let Some(v) = now[i] {
+                    put_i64(st, key, v);
+                }
+            }
+        }
+    }
+}
+
+fn lower(cursor: &mut Option<i64>, ts: i64) {
+    *cursor = Some(cursor.map_or(ts, |c| c.min(ts)));
+}
+
+impl IntervalJoinStage {
+    /// `cfg` must have passed [`super::JoinConfig::check`].
+    pub fn new(name: &str, cfg: &IntervalJoinConfig) -> Result<Self, String> {
+        Ok(Self {
+            name: name.to_string(),
+            shape: cfg.shape()?,
+            before: cfg.before.as_millis_i64(),
+            after: cfg.after.as_millis_i64(),
+            lateness: cfg.allowed_lateness.as_millis_i64(),
+            cfg: cfg.clone(),
+            left_sweeper: Sweeper::default(),
+            right_sweeper: Sweeper::default(),
+        })
+    }
+
+    fn late(&self, marks: &Marks, ts: i64) -> Option<Reject> {
+        let w = marks.watermark()?;
+        (ts < w.saturating_sub(self.lateness)).then(|| Reject {
+            kind: "late",
+            message: format!(
+                "event time {ts} is {} ms behind the join watermark {w} (allowed lateness {} ms)",
+                w - ts,
+                self.lateness
+            ),
+        })
+    }
+
+    /// The left record with `right` merged in, as a new record with the left record's origin.
+    fn joined(
+        &self,
+        left: &Record,
+        left_value: &Value,
+        right: Option<&Value>,
+    ) -> Result<Record, Reject> {
+        let Value::Object(mut obj) = left_value.clone() else {
+            return Err(Reject::schema("value is not a JSON object"));
+        };
+        self.shape.merge(&mut obj, right).map_err(Reject::schema)?;
+        let value = serde_json::to_vec(&Value::Object(obj))
+            .map_err(|e| Reject::schema(format!("cannot encode the joined record: {e}")))?;
+        Ok(Record {
+            origin: left.origin.clone(),
+            key: left.key.clone(),
+            value: Bytes::from(value),
+            headers: left.headers.clone(),
+            table: left.table.clone(),
+        })
+    }
+
+    fn emit(&self, out: &mut StageOutput, left: &Record, lv: &Value, right: Option<&Value>) {
+        match self.joined(left, lv, right) {
+            Ok(r) => out.records.push(r),
+            Err(reject) => out
+                .dead_letters
+                .push(reject.into_dead_letter(&self.name, left)),
+        }
+    }
+
+    fn read(&self, r: &Record, right: bool) -> Result<(Value, Vec<u8>, i64), Reject> {
+        let v = parse_json(r)?;
+        let needs_object = !right || matches!(self.shape, OutputShape::Prefix { .. });
+        if needs_object && !v.is_object() {
+            return Err(Reject::schema("value is not a JSON object"));
+        }
+        let (key, time) = if right {
+            (&self.cfg.right_key, &self.cfg.right_time)
+        } else {
+            (&self.cfg.left_key, &self.cfg.left_time)
+        };
+        let k = key_of(&v, key)?;
+        let ts = event_time(&v, time)?;
+        Ok((v, k, ts))
+    }
+
+    fn process_left(
+        &mut self,
+        batch: Vec<Record>,
+        st: &mut StageState<'_, '_>,
+    ) -> Result<StageOutput, StateError> {
+        let mut out = StageOutput::default();
+        let mut marks = Marks::load(st)?;
+        let mut seqs: HashMap<i64, u32> = HashMap::new();
+        let mut matches = 0u64;
+        for r in &batch {
+            let (v, key, ts) = match self.read(r, false) {
+                Ok(x) => x,
+                Err(reject) => {
+                    out.dead_letters
+                        .push(reject.into_dead_letter(&self.name, r));
+                    continue;
+                }
+            };
+            if let Some(reject) = self.late(&marks, ts) {
+                out.dead_letters
+                    .push(reject.into_dead_letter(&self.name, r));
+                continue;
+            }
+            marks.left = Some(marks.left.map_or(ts, |w| w.max(ts)));
+            let seq = seqs.entry(r.origin.offset).or_insert(0);
+            let pos = position(r, *seq);
+            *seq += 1;
+
+            let (lo, hi) = time_range(
+                RIGHT,
+                &key,
+                ts.saturating_sub(self.before),
+                ts.saturating_add(self.after),
+            );
+            let rights = st.range(&lo, &hi)?;
+            for (_, rv) in &rights {
+                let right: Value =
+                    serde_json::from_slice(rv).map_err(|_| corrupt(&self.name, "right record"))?;
+                self.emit(&mut out, r, &v, Some(&right));
+                matches += 1;
+            }
+            st.put(&data_key(LEFT, &key, ts, &pos), &codec::encode(r));
+            st.put(
+                &index_key(LEFT_INDEX, ts, &key, &pos),
+                &[u8::from(!rights.is_empty())],
+            );
+            lower(&mut marks.cursor_left, ts);
+        }
+        let budget = (batch.len() * 2).max(10_000);
+        self.expire(st, &mut marks, &mut out, budget)?;
+        marks.store(st);
+        out.counters.push(("join_matches", matches));
+        Ok(out)
+    }
+
+    fn process_right(
+        &mut self,
+        batch: Vec<Record>,
+        st: &mut StageState<'_, '_>,
+    ) -> Result<StageOutput, StateError> {
+        let mut out = StageOutput::default();
+        let mut marks = Marks::load(st)?;
+        let mut seqs: HashMap<i64, u32> = HashMap::new();
+        let mut matches = 0u64;
+        for r in &batch {
+            let (v, key, ts) = match self.read(r, true) {
+                Ok(x) => x,
+                Err(reject) => {
+                    out.dead_letters
+                        .push(reject.into_dead_letter(&self.name, r));
+                    continue;
+                }
+            };
+            if let Some(reject) = self.late(&marks, ts) {
+                out.dead_letters
+                    .push(reject.into_dead_letter(&self.name, r));
+                continue;
+            }
+            marks.right = Some(marks.right.map_or(ts, |w| w.max(ts)));
+            let seq = seqs.entry(r.origin.offset).or_insert(0);
+            let pos = position(r, *seq);
+            *seq += 1;
+
+            // Lefts this right pairs with: left.ts in [ts - after, ts + before].
+            let (lo, hi) = time_range(
+                LEFT,
+                &key,
+                ts.saturating_sub(self.after),
+                ts.saturating_add(self.before),
+            );
+            for (lk, blob) in st.range(&lo, &hi)? {
+                let left =
+                    codec::decode(&blob).ok_or_else(|| corrupt(&self.name, "left record"))?;
+                let lv: Value = serde_json::from_slice(&left.value)
+                    .map_err(|_| corrupt(&self.name, "left record"))?;
+                self.emit(&mut out, &left, &lv, Some(&v));
+                matches += 1;
+                let (lts, lpos) = split_data_key(&lk, key.len())
+                    .ok_or_else(|| corrupt(&self.name, "left key"))?;
+                st.put(&index_key(LEFT_INDEX, lts, &key, lpos), &[1]);
+            }
+            st.put(&data_key(RIGHT, &key, ts, &pos), &r.value);
+            st.put(&index_key(RIGHT_INDEX, ts, &key, &pos), b"");
+            lower(&mut marks.cursor_right, ts);
+        }
+        let budget = (batch.len() * 2).max(10_000);
+        self.expire(st, &mut marks, &mut out, budget)?;
+        marks.store(st);
+        out.counters.push(("join_matches", matches));
+        Ok(out)
+    }
+
+    /// Drops buffered records no future (non-late) record can pair with; emits unmatched left
+    /// records for `left_outer`.
+    fn expire(
+        &mut self,
+        st: &mut StageState<'_, '_>,
+        marks: &mut Marks,
+        out: &mut StageOutput,
+        budget: usize,
+    ) -> Result<(), StateError> {
+        let Some(w) = marks.watermark() else {
+            return Ok(());
+        };
+        let mut unmatched = 0u64;
+        // A right at ts pairs with lefts in [ts - after, ts + before]; future lefts are at least
+        // at w - lateness. So it is done once ts + before < w - lateness.
+        let cutoff = w.saturating_sub(self.lateness).saturating_sub(self.before);
+        if let Some(c) = marks.cursor_right.filter(|c| *c < cutoff) {
+            let (entries, next) = self
+                .right_sweeper
+                .expired(st, RIGHT_INDEX, c, cutoff, budget)?;
+            for IndexEntry { ts, rest, .. } in entries {
+                let (key, pos) =
+                    split_index_rest(&rest).ok_or_else(|| corrupt(&self.name, "right index"))?;
+                st.delete(&data_key(RIGHT, key, ts, pos));
+                st.delete(&index_key(RIGHT_INDEX, ts, key, pos));
+            }
+            marks.cursor_right = Some(next);
+        }
+        // Symmetrically, a left is done once ts + after < w - lateness.
+        let cutoff = w.saturating_sub(self.lateness).saturating_sub(self.after);
+        if let Some(c) = marks.cursor_left.filter(|c| *c < cutoff) {
+            let (entries, next) = self
+                .left_sweeper
+                .expired(st, LEFT_INDEX, c, cutoff, budget)?;
+            for IndexEntry { ts, rest, value } in entries {
+                let (key, pos) =
+                    split_index_rest(&rest).ok_or_else(|| corrupt(&self.name, "left index"))?;
+                let dk = data_key(LEFT, key, ts, pos);
+                if self.cfg.mode == JoinMode::LeftOuter && value.first() == Some(&0) {
+                    let blob = st
+                        .get(&dk)?
+                        .ok_or_else(|| corrupt(&self.name, "left record"))?;
+                    let left =
+                        codec::decode(&blob).ok_or_else(|| corrupt(&self.name, "left record"))?;
+                    let lv: Value = serde_json::from_slice(&left.value)
+                        .map_err(|_| corrupt(&self.name, "left record"))?;
+                    self.emit(out, &left, &lv, None);
+                    unmatched += 1;
+                }
+                st.delete(&dk);
+                st.delete(&index_key(LEFT_INDEX, ts, key, pos));
+            }
+            marks.cursor_left = Some(next);
+        }
+        out.counters.push(("join_unmatched", unmatched));
+        Ok(())
+    }
+}
+
+impl Stage for IntervalJoinStage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn side_topics(&self) -> Vec<String> {
+        vec![self.cfg.right_topic.clone()]
+    }
+
+    fn process(
+        &mut self,
+        batch: Vec<Record>,
+        ctx: &BatchContext,
+        state: &mut StateTxn<'_>,
+    ) -> Result<StageOutput, StageError> {
+        let name = self.name.clone();
+        let mut st = state.stage(&name, ctx.partition.partition);
+        self.process_left(batch, &mut st)
+            .map_err(|e| state_error(&name, e))
+    }
+
+    fn process_side(
+        &mut self,
+        batch: Vec<Record>,
+        ctx: &BatchContext,
+        state: &mut StateTxn<'_>,
+    ) -> Result<StageOutput, StageError> {
+        let name = self.name.clone();
+        let mut st = state.stage(&name, ctx.partition.partition);
+        self.process_right(batch, &mut st)
+            .map_err(|e| state_error(&name, e))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::stage::dedup::tests::{counter, record, run_batch};
+    use crate::stage::join::JoinConfig;
+    use crate::state::StateStore;
+
+    const MIN: i64 = 60_000;
+
+    fn stage(extra: &str) -> IntervalJoinStage {
+        let yaml = format!(
+            "kind: interval\nright_topic: users\nleft_key: /user_id\nright_key: /uid\n\
+             left_time: {{field: /ts}}\nright_time: {{field: /at, format: epoch_ms}}\n\
+             before: 5m\nafter: 5m\n{extra}"
+        );
+        let cfg: JoinConfig = serde_yaml_ng::from_str(&yaml).unwrap();
+        cfg.check(&["tx".into()], "dlq").unwrap();
+        let JoinConfig::Interval(c) = cfg else {
+            panic!()
+        };
+        IntervalJoinStage::new("join", &c).unwrap()
+    }
+
+    fn tx(off: i64, id: &str, user: u64, ts: i64) -> Record {
+        record("tx", 0, off, json!({"id": id, "user_id": user, "ts": ts}))
+    }
+
+    fn user(off: i64, uid: u64, at: i64, name: &str) -> Record {
+        record("users", 0, off, json!({"uid": uid, "at": at, "name": name}))
+    }
+
+    fn rows(out: &StageOutput) -> Vec<Value> {
+        out.records
+            .iter()
+            .map(|r| serde_json::from_slice(&r.value).unwrap())
+            .collect()
+    }
+
+    fn pairs(out: &StageOutput) -> BTreeSet<(String, String)> {
+        rows(out)
+            .iter()
+            .map(|v| {
+                (
+                    v["id"].as_str().unwrap().to_string(),
+                    v["user"]["name"].as_str().unwrap_or("-").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pairs_are_emitted_once_when_the_later_side_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("allowed_lateness: 10m\nnest: user\n");
+        // Left first: nothing to pair with yet.
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![tx(0, "t1", 1, 10 * MIN), tx(1, "t2", 2, 10 * MIN)],
+        );
+        assert!(out.records.is_empty());
+        // Right arrives: pairs with t1 (within 5 min), not with t2 (other key).
+        let out = run_batch(
+            &store,
+            &mut s,
+            true,
+            vec![
+                user(0, 1, 14 * MIN, "ann"),
+                user(1, 1, 16 * MIN, "too-late-for-t1"),
+            ],
+        );
+        assert_eq!(pairs(&out), BTreeSet::from([("t1".into(), "ann".into())]));
+        assert_eq!(counter(&out, "join_matches"), 1);
+        // The emitted record keeps the left record's origin.
+        assert_eq!(out.records[0].origin.topic.as_ref(), "tx");
+        assert_eq!(out.records[0].origin.offset, 0);
+        // A later left pairs with both buffered rights within its window.
+        let out = run_batch(&store, &mut s, false, vec![tx(2, "t3", 1, 15 * MIN)]);
+        assert_eq!(
+            pairs(&out),
+            BTreeSet::from([
+                ("t3".into(), "ann".into()),
+                ("t3".into(), "too-late-for-t1".into())
+            ])
+        );
+        // Window edges are inclusive: right at exactly left - 5 min and left + 5 min.
+        let out = run_batch(
+            &store,
+            &mut s,
+            true,
+            vec![
+                user(2, 2, 5 * MIN, "edge-before"),
+                user(3, 2, 15 * MIN, "edge-after"),
+            ],
+        );
+        assert_eq!(
+            pairs(&out),
+            BTreeSet::from([
+                ("t2".into(), "edge-before".into()),
+                ("t2".into(), "edge-after".into())
+            ])
+        );
+    }
+
+    #[test]
+    fn left_outer_emits_unmatched_when_the_window_closes_and_state_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("mode: left_outer\nallowed_lateness: 1m\nnest: user\n");
+        run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![tx(0, "matched", 1, 10 * MIN), tx(1, "lonely", 2, 10 * MIN)],
+        );
+        let out = run_batch(&store, &mut s, true, vec![user(0, 1, 11 * MIN, "ann")]);
+        assert_eq!(
+            pairs(&out),
+            BTreeSet::from([("matched".into(), "ann".into())])
+        );
+        // Watermark = min(left 10m, right 11m) = 10m: windows still open.
+        let out = run_batch(&store, &mut s, false, vec![tx(2, "later", 3, 17 * MIN)]);
+        assert!(out.records.is_empty());
+        // Right side moves to 16m+1ms: watermark 16m+1ms > 10m + 5m + 1m: "lonely" closes.
+        let out = run_batch(&store, &mut s, true, vec![user(1, 9, 16 * MIN + 1, "x")]);
+        let r = rows(&out);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0]["id"], "lonely");
+        assert_eq!(r[0]["user"], Value::Null);
+        assert_eq!(out.records[0].origin.offset, 1);
+        assert_eq!(counter(&out, "join_unmatched"), 1);
+        // Buffered: lefts "later"; rights at 11m ("ann", done once 11m + 5m + 1m < wm) and 16m.
+        let mut txn = store.txn();
+        let st = txn.stage("join", 0);
+        assert_eq!(st.scan_prefix(b"L").unwrap().len(), 1);
+        assert_eq!(st.scan_prefix(b"X").unwrap().len(), 1);
+        assert_eq!(st.scan_prefix(b"R").unwrap().len(), 2);
+        drop(txn);
+        let out = run_batch(&store, &mut s, true, vec![user(2, 9, 30 * MIN, "y")]);
+        assert!(out.records.is_empty());
+        let out = run_batch(&store, &mut s, false, vec![tx(3, "last", 4, 30 * MIN)]);
+        // "later" (17m) closes at watermark 30m: emitted unmatched; rights at 11m, 16m dropped.
+        assert_eq!(rows(&out).len(), 1);
+        assert_eq!(rows(&out)[0]["id"], "later");
+        let mut txn = store.txn();
+        let st = txn.stage("join", 0);
+        assert_eq!(st.scan_prefix(b"R").unwrap().len(), 1);
+        assert_eq!(st.scan_prefix(b"Y").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn late_records_are_dead_lettered_and_out_of_order_ones_within_lateness_join() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("allowed_lateness: 2m\nnest: user\n");
+        run_batch(&store, &mut s, false, vec![tx(0, "a", 1, 20 * MIN)]);
+        run_batch(&store, &mut s, true, vec![user(0, 1, 20 * MIN, "ann")]);
+        // Watermark 20m. A left at 18m is out of order but within lateness: it joins.
+        let out = run_batch(&store, &mut s, false, vec![tx(1, "b", 1, 18 * MIN)]);
+        assert_eq!(pairs(&out), BTreeSet::from([("b".into(), "ann".into())]));
+        // At 17m59.999s it is late on either side.
+        let out = run_batch(&store, &mut s, false, vec![tx(2, "c", 1, 18 * MIN - 1)]);
+        assert!(out.records.is_empty());
+        assert_eq!(out.dead_letters.len(), 1);
+        assert_eq!(out.dead_letters[0].kind, "late");
+        assert!(out.dead_letters[0]
+            .message
+            .contains("allowed lateness 120000 ms"));
+        let out = run_batch(&store, &mut s, true, vec![user(1, 1, 17 * MIN, "old")]);
+        assert_eq!(out.dead_letters.len(), 1);
+        assert_eq!(out.dead_letters[0].kind, "late");
+        assert_eq!(out.dead_letters[0].origin.topic.as_ref(), "users");
+    }
+
+    #[test]
+    fn result_does_not_depend_on_interleaving() {
+        // The same two streams fed in different batch orders give the same rows.
+        let lefts: Vec<Record> = (0..60)
+            .map(|i| {
+                tx(
+                    i,
+                    &format!("t{i}"),
+                    (i % 5) as u64,
+                    i * 20_000 + (i % 3) * 7_000,
+                )
+            })
+            .collect();
+        let rights: Vec<Record> = (0..20)
+            .map(|i| user(i, (i % 5) as u64, i * 60_000, &format!("u{i}")))
+            .collect();
+        let run = |chunk_l: usize, chunk_r: usize, right_first: bool| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = StateStore::open(dir.path()).unwrap();
+            let mut s =
+                stage("mode: left_outer\nallowed_lateness: 1m\nprefix: user_\nfields: [name]\n");
+            let mut got = BTreeSet::new();
+            let mut l = lefts.chunks(chunk_l);
+            let mut r = rights.chunks(chunk_r);
+            loop {
+                let (a, b) = if right_first {
+                    (r.next().map(|c| (true, c)), l.next().map(|c| (false, c)))
+                } else {
+                    (l.next().map(|c| (false, c)), r.next().map(|c| (true, c)))
+                };
+                if a.is_none() && b.is_none() {
+                    break;
+                }
+                for (side, c) in a.into_iter().chain(b) {
+                    let out = run_batch(&store, &mut s, side, c.to_vec());
+                    assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters);
+                    for v in rows(&out) {
+                        assert!(
+                            got.insert((
+                                v["id"].as_str().unwrap().to_string(),
+                                v["user_name"].as_str().unwrap_or("-").to_string()
+                            )),
+                            "pair emitted twice: {v}"
+                        );
+                    }
+                }
+            }
+            got
+        };
+        let a = run(7, 3, false);
+        assert_eq!(a, run(60, 20, true));
+        assert_eq!(a, run(1, 1, true));
+        assert_eq!(a, run(13, 20, false));
+        // Brute force over all pairs for the matched part.
+        let mut expected = BTreeSet::new();
+        for l in &lefts {
+            let lv: Value = serde_json::from_slice(&l.value).unwrap();
+            for r in &rights {
+                let rv: Value = serde_json::from_slice(&r.value).unwrap();
+                let (lt, rt) = (lv["ts"].as_i64().unwrap(), rv["at"].as_i64().unwrap());
+                if lv["user_id"] == rv["uid"] && rt >= lt - 5 * MIN && rt <= lt + 5 * MIN {
+                    expected.insert((
+                        lv["id"].as_str().unwrap().to_string(),
+                        rv["name"].as_str().unwrap().to_string(),
+                    ));
+                }
+            }
+        }
+        let matched: BTreeSet<_> = a.iter().filter(|(_, u)| u != "-").cloned().collect();
+        assert_eq!(matched, expected);
+    }
+
+    #[test]
+    fn missing_key_fields_are_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("nest: user\n");
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![record("tx", 0, 0, json!({"id": "x", "ts": 1}))],
+        );
+        assert_eq!(out.dead_letters.len(), 1);
+        assert_eq!(out.dead_letters[0].kind, "schema");
+        assert_eq!(out.dead_letters[0].message, "key field /user_id is missing");
+        let out = run_batch(
+            &store,
+            &mut s,
+            true,
+            vec![record("users", 0, 0, json!({"uid": 1}))],
+        );
+        assert_eq!(out.dead_letters[0].message, "time field /at is missing");
+    }
+}

@@ -1,0 +1,708 @@
+//! What the stateful built-in stages (dedup, joins) share: JSON pointers and keys, event time,
+//! durations, order-preserving encodings of times, and bounded sweeps of time-ordered indexes.
+//!
+//! Nothing here keeps anything per key in memory: keys live in RocksDB (through
+//! [`StageState`]), so state size is bounded by disk, not RAM.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::record::{DeadLetter, Record};
+use crate::state::{StageState, StateError};
+
+use super::StageError;
+
+// ---------------------------------------------------------------------------------------------
+// Config types
+// ---------------------------------------------------------------------------------------------
+
+/// A JSON pointer (RFC 6901) into a record, e.g. `/user/id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Pointer(String);
+
+impl Pointer {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() || !s.starts_with('/') {
+            return Err(format!(
+                "{s:?} is not a JSON pointer (it must start with '/', e.g. \"/user_id\")"
+            ));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Pointer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Pointer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Pointer::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// One or more JSON pointers whose values together form a key: `/id` or `[/id, /source]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct KeyPointers(Vec<Pointer>);
+
+impl KeyPointers {
+    pub fn new(pointers: Vec<Pointer>) -> Result<Self, String> {
+        if pointers.is_empty() {
+            return Err("a key needs at least one JSON pointer".into());
+        }
+        Ok(Self(pointers))
+    }
+
+    pub fn pointers(&self) -> &[Pointer] {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyPointers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = KeyPointers;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON pointer such as \"/id\" or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<KeyPointers, E> {
+                let p = Pointer::parse(s).map_err(E::custom)?;
+                KeyPointers::new(vec![p]).map_err(E::custom)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<KeyPointers, A::Error> {
+                let mut v = Vec::new();
+                while let Some(p) = seq.next_element::<Pointer>()? {
+                    v.push(p);
+                }
+                KeyPointers::new(v).map_err(de::Error::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration written as `24h`, `30m`, `10s`, `500ms`, `7d` or combinations such as `1h30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn as_millis_i64(self) -> i64 {
+        i64::try_from(self.0.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// Parses `1h30m`-style durations. Units: `ms`, `s`, `m`, `h`, `d`; `0` alone is zero.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let s = text.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let bad = || {
+        format!("{text:?} is not a duration (write e.g. \"24h\", \"30m\", \"10s\", \"500ms\", \"1h30m\")")
+    };
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u128 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u128 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit_ms: u128 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        total = n
+            .checked_mul(unit_ms)
+            .and_then(|x| total.checked_add(x))
+            .ok_or_else(bad)?;
+    }
+    let ms = u64::try_from(total).map_err(|_| bad())?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// The shortest `1h30m`-style spelling of a whole number of milliseconds.
+pub fn format_duration(d: Duration) -> String {
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0".into();
+    }
+    let mut out = String::new();
+    for (unit, len) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+        ("ms", 1),
+    ] {
+        if ms >= len {
+            out.push_str(&format!("{}{unit}", ms / len));
+            ms %= len;
+        }
+    }
+    out
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(self.0))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_duration(self.0))
+    }
+}
+
+/// How an event-time field is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeFormat {
+    /// Numbers are epoch milliseconds, strings RFC 3339 (or digits: epoch milliseconds).
+    #[default]
+    Auto,
+    /// RFC 3339 text, e.g. `2026-11-23T10:00:00.123Z`.
+    Rfc3339,
+    /// Milliseconds since the epoch (a number or a numeric string).
+    EpochMs,
+    /// Seconds since the epoch (a number, fractions allowed, or a numeric string).
+    EpochS,
+}
+
+/// An event-time field of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTimeConfig {
+    /// JSON pointer to the field, e.g. `/ts`.
+    pub field: Pointer,
+    /// `auto` (default), `rfc3339`, `epoch_ms` or `epoch_s`.
+    #[serde(default)]
+    pub format: TimeFormat,
+}
+
+/// Output shape of a join: how the right record's fields are added to the left record.
+/// Exactly one of `nest` and `prefix` is set (checked by [`OutputShape::from_parts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputShape {
+    /// The right record (a JSON value) under this field; `null` when unmatched.
+    Nest(String),
+    /// The right record's fields copied with this prefix. With `fields`, only those, and set to
+    /// `null` when unmatched; without, all of them (and none when unmatched).
+    Prefix {
+        prefix: String,
+        fields: Option<Vec<String>>,
+    },
+}
+
+impl OutputShape {
+    pub fn from_parts(
+        nest: Option<&str>,
+        prefix: Option<&str>,
+        fields: Option<&[String]>,
+    ) -> Result<Self, String> {
+        match (nest, prefix) {
+            (Some(_), Some(_)) => Err("set either `nest` or `prefix`, not both".into()),
+            (None, None) => Err(
+                "set `nest: <field>` (right record under a field) or `prefix: <text>` (right fields copied with a prefix)"
+                    .into(),
+            ),
+            (Some(n), None) => {
+                if n.is_empty() {
+                    return Err("`nest` must not be empty".into());
+                }
+                if fields.is_some() {
+                    return Err("`fields` goes with `prefix`, not `nest`".into());
+                }
+                Ok(Self::Nest(n.to_string()))
+            }
+            (None, Some(p)) => Ok(Self::Prefix {
+                prefix: p.to_string(),
+                fields: fields.map(<[String]>::to_vec),
+            }),
+        }
+    }
+
+    /// Adds `right` (or its absence) to the left JSON object.
+    pub fn merge(
+        &self,
+        left: &mut serde_json::Map<String, Value>,
+        right: Option<&Value>,
+    ) -> Result<(), String> {
+        match self {
+            Self::Nest(field) => {
+                left.insert(field.clone(), right.cloned().unwrap_or(Value::Null));
+            }
+            Self::Prefix { prefix, fields } => match (right, fields) {
+                (Some(Value::Object(r)), None) => {
+                    for (k, v) in r {
+                        left.insert(format!("{prefix}{k}"), v.clone());
+                    }
+                }
+                (Some(Value::Object(r)), Some(fields)) => {
+                    for f in fields {
+                        left.insert(
+                            format!("{prefix}{f}"),
+                            r.get(f).cloned().unwrap_or(Value::Null),
+                        );
+                    }
+                }
+                (Some(_), _) => {
+                    return Err("the right record is not a JSON object (needed by `prefix`)".into())
+                }
+                (None, Some(fields)) => {
+                    for f in fields {
+                        left.insert(format!("{prefix}{f}"), Value::Null);
+                    }
+                }
+                (None, None) => {}
+            },
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading records
+// ---------------------------------------------------------------------------------------------
+
+/// A record-level problem: the record goes to the dead-letter topic with this kind and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl Reject {
+    pub fn schema(message: impl Into<String>) -> Self {
+        Self {
+            kind: "schema",
+            message: message.into(),
+        }
+    }
+
+    pub fn into_dead_letter(self, stage: &str, record: &Record) -> DeadLetter {
+        DeadLetter {
+            origin: record.origin.clone(),
+            stage: stage.to_string(),
+            plugin: None,
+            kind: self.kind.to_string(),
+            message: self.message,
+        }
+    }
+}
+
+/// The record's value as JSON.
+pub fn parse_json(record: &Record) -> Result<Value, Reject> {
+    serde_json::from_slice(&record.value).map_err(|e| Reject {
+        kind: "parse",
+        message: format!("value is not JSON: {e}"),
+    })
+}
+
+/// Appends one key component, length-prefixed so composite keys cannot collide.
+fn push_component(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// The key bytes of `value` at `pointers`. Components compare by text: the string `"42"` and
+/// the number `42` are the same key (Kafka keys are text, JSON ids are often numbers); objects
+/// and arrays compare by their JSON text. A missing or `null` field is an error naming the
+/// pointer.
+pub fn key_of(value: &Value, pointers: &KeyPointers) -> Result<Vec<u8>, Reject> {
+    let mut out = Vec::with_capacity(32);
+    for p in pointers.pointers() {
+        match value.pointer(p.as_str()) {
+            None => return Err(Reject::schema(format!("key field {p} is missing"))),
+            Some(Value::Null) => return Err(Reject::schema(format!("key field {p} is null"))),
+            Some(Value::String(s)) => push_component(&mut out, s.as_bytes()),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => {
+                push_component(&mut out, v.to_string().as_bytes())
+            }
+            Some(v) => push_component(&mut out, v.to_string().as_bytes()),
+        }
+    }
+    Ok(out)
+}
+
+/// A single-component key from raw bytes (a Kafka message key).
+pub fn key_from_bytes(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + 4);
+    push_component(&mut out, bytes);
+    out
+}
+
+/// Event time in epoch milliseconds.
+pub fn event_time(value: &Value, cfg: &EventTimeConfig) -> Result<i64, Reject> {
+    let p = &cfg.field;
+    let v = match value.pointer(p.as_str()) {
+        None => return Err(Reject::schema(format!("time field {p} is missing"))),
+        Some(v) => v,
+    };
+    let bad = |why: &str| Reject::schema(format!("time field {p}: {why}, found {v}"));
+    match (cfg.format, v) {
+        (TimeFormat::Auto | TimeFormat::EpochMs, Value::Number(n)) => {
+            number_ms(n, 1.0).ok_or_else(|| bad("expected epoch milliseconds"))
+        }
+        (TimeFormat::EpochS, Value::Number(n)) => {
+            number_ms(n, 1000.0).ok_or_else(|| bad("expected epoch seconds"))
+        }
+        (TimeFormat::Auto, Value::String(s)) => rfc3339_ms(s)
+            .or_else(|| numeric_text_ms(s, 1.0))
+            .ok_or_else(|| bad("expected RFC 3339 text or epoch milliseconds")),
+        (TimeFormat::Rfc3339, Value::String(s)) => {
+            rfc3339_ms(s).ok_or_else(|| bad("expected RFC 3339 text"))
+        }
+        (TimeFormat::EpochMs, Value::String(s)) => {
+            numeric_text_ms(s, 1.0).ok_or_else(|| bad("expected epoch milliseconds"))
+        }
+        (TimeFormat::EpochS, Value::String(s)) => {
+            numeric_text_ms(s, 1000.0).ok_or_else(|| bad("expected epoch seconds"))
+        }
+        (TimeFormat::Rfc3339, _) => Err(bad("expected RFC 3339 text")),
+        (_, _) => Err(bad("expected a number or a string")),
+    }
+}
+
+/// ±10 000 years in milliseconds: beyond this a "time" is garbage, and the bound keeps all
+/// window arithmetic far from overflow.
+const MAX_ABS_MS: i64 = 315_569_520_000_000;
+
+fn number_ms(n: &serde_json::Number, scale: f64) -> Option<i64> {
+    let ms = if let Some(i) = n.as_i64() {
+        i.checked_mul(scale as i64)?
+    } else {
+        let f = n.as_f64()? * scale;
+        if !f.is_finite() {
+            return None;
+        }
+        f.round() as i64
+    };
+    (ms.abs() <= MAX_ABS_MS).then_some(ms)
+}
+
+fn numeric_text_ms(s: &str, scale: f64) -> Option<i64> {
+    let t = s.trim();
+    if let Ok(i) = t.parse::<i64>() {
+        let ms = i.checked_mul(scale as i64)?;
+        return (ms.abs() <= MAX_ABS_MS).then_some(ms);
+    }
+    let f: f64 = t.parse().ok()?;
+    let ms = f * scale;
+    (ms.is_finite() && ms.abs() <= MAX_ABS_MS as f64).then_some(ms.round() as i64)
+}
+
+fn rfc3339_ms(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// State encodings
+// ---------------------------------------------------------------------------------------------
+
+/// Big-endian with the sign bit flipped: byte order equals numeric order, so time indexes
+/// iterate oldest first.
+pub fn ts_bytes(ts: i64) -> [u8; 8] {
+    ((ts as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub fn ts_from_bytes(b: &[u8]) -> Option<i64> {
+    let a: [u8; 8] = b.get(..8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(a) ^ (1 << 63)) as i64)
+}
+
+pub fn get_i64(st: &StageState<'_, '_>, key: &[u8]) -> Result<Option<i64>, StateError> {
+    Ok(st.get(key)?.as_deref().and_then(ts_from_bytes))
+}
+
+pub fn put_i64(st: &mut StageState<'_, '_>, key: &[u8], v: i64) {
+    st.put(key, &ts_bytes(v));
+}
+
+/// `StageError` for a state failure (the batch is retried).
+pub fn state_error(stage: &str, e: impl fmt::Display) -> StageError {
+    StageError::new(stage, format!("state: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sweeping time indexes
+// ---------------------------------------------------------------------------------------------
+
+/// One entry of a time index (`tag`, time, rest of the key → value).
+#[derive(Debug)]
+pub struct IndexEntry {
+    pub ts: i64,
+    /// The index key after the tag and the time.
+    pub rest: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// Reads expired entries of a time index (`tag` + [`ts_bytes`] + rest) oldest first, a few
+/// thousand at a time, so a large expiry never loads the whole index into memory.
+///
+/// The caller keeps a cursor per index: a lower bound of every entry's time (lowered on insert,
+/// raised by sweeps), so sweeps never walk over the deletion tombstones of earlier sweeps.
+/// The time slice read per step adapts to the density of the index; its width is only a hint
+/// kept in memory (it changes how much is read per step, never which entries expire).
+#[derive(Debug, Clone)]
+pub struct Sweeper {
+    width_ms: i64,
+}
+
+impl Default for Sweeper {
+    fn default() -> Self {
+        Self { width_ms: 1_000 }
+    }
+}
+
+impl Sweeper {
+    /// Entries with time in `[cursor, cutoff)`, up to about `budget` of them (a time slice is read
+    /// whole), and the new cursor: `cutoff` when all were returned.
+    pub fn expired(
+        &mut self,
+        st: &StageState<'_, '_>,
+        tag: u8,
+        cursor: i64,
+        cutoff: i64,
+        budget: usize,
+    ) -> Result<(Vec<IndexEntry>, i64), StateError> {
+        let mut out = Vec::new();
+        let mut at = cursor;
+        let target = (budget / 4).max(64);
+        while at < cutoff && out.len() < budget {
+            let end = at.saturating_add(self.width_ms).min(cutoff);
+            let mut lo = vec![tag];
+            lo.extend_from_slice(&ts_bytes(at));
+            let mut hi = vec![tag];
+            hi.extend_from_slice(&ts_bytes(end));
+            let found = st.range(&lo, &hi)?;
+            let n = found.len();
+            for (k, value) in found {
+                if let Some(ts) = ts_from_bytes(&k[1..]) {
+                    out.push(IndexEntry {
+                        ts,
+                        rest: k[9..].to_vec(),
+                        value,
+                    });
+                }
+            }
+            at = end;
+            if n > target {
+                self.width_ms = (self.width_ms / 2).max(1);
+            } else if n < target / 4 {
+                self.width_ms = self.width_ms.saturating_mul(2).min(i64::MAX / 4);
+            }
+        }
+        Ok((out, at))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5_400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        for bad in [
+            "",
+            "h",
+            "10",
+            "10x",
+            "1.5h",
+            "-1s",
+            "99999999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(5_400)), "1h30m");
+        assert_eq!(format_duration(Duration::from_millis(1_500)), "1s500ms");
+        let d: HumanDuration = serde_json::from_value(json!("10s")).unwrap();
+        assert_eq!(serde_json::to_value(d).unwrap(), json!("10s"));
+    }
+
+    #[test]
+    fn key_pointers_accept_one_or_many() {
+        let one: KeyPointers = serde_json::from_value(json!("/id")).unwrap();
+        assert_eq!(one.pointers().len(), 1);
+        let two: KeyPointers = serde_json::from_value(json!(["/id", "/src"])).unwrap();
+        assert_eq!(two.pointers().len(), 2);
+        assert!(serde_json::from_value::<KeyPointers>(json!([])).is_err());
+        let e = serde_json::from_value::<KeyPointers>(json!("id")).unwrap_err();
+        assert!(e.to_string().contains("must start with '/'"), "{e}");
+    }
+
+    #[test]
+    fn keys_compare_by_text_and_composites_do_not_collide() {
+        let p1 = KeyPointers::new(vec![Pointer::parse("/a").unwrap()]).unwrap();
+        assert_eq!(
+            key_of(&json!({"a": 42}), &p1).unwrap(),
+            key_of(&json!({"a": "42"}), &p1).unwrap()
+        );
+        assert_eq!(
+            key_of(&json!({"a": "42"}), &p1).unwrap(),
+            key_from_bytes(b"42")
+        );
+        let p2 = KeyPointers::new(vec![
+            Pointer::parse("/a").unwrap(),
+            Pointer::parse("/b").unwrap(),
+        ])
+        .unwrap();
+        assert_ne!(
+            key_of(&json!({"a": "x", "b": "yz"}), &p2).unwrap(),
+            key_of(&json!({"a": "xy", "b": "z"}), &p2).unwrap()
+        );
+        let e = key_of(&json!({"a": 1}), &p2).unwrap_err();
+        assert_eq!(e, Reject::schema("key field /b is missing"));
+        let e = key_of(&json!({"a": null, "b": 1}), &p2).unwrap_err();
+        assert_eq!(e.message, "key field /a is null");
+    }
+
+    #[test]
+    fn event_times() {
+        let cfg = |f: TimeFormat| EventTimeConfig {
+            field: Pointer::parse("/ts").unwrap(),
+            format: f,
+        };
+        let base = 1_795_428_000_000i64;
+        let v = json!({"ts": "2026-11-23T10:00:00.123Z"});
+        assert_eq!(event_time(&v, &cfg(TimeFormat::Auto)).unwrap(), base + 123);
+        assert_eq!(
+            event_time(&v, &cfg(TimeFormat::Rfc3339)).unwrap(),
+            base + 123
+        );
+        assert!(event_time(&v, &cfg(TimeFormat::EpochMs)).is_err());
+        let v = json!({"ts": "2026-11-23T11:00:00+01:00"});
+        assert_eq!(event_time(&v, &cfg(TimeFormat::Auto)).unwrap(), base);
+        let v = json!({"ts": base});
+        assert_eq!(event_time(&v, &cfg(TimeFormat::Auto)).unwrap(), base);
+        assert_eq!(event_time(&v, &cfg(TimeFormat::EpochMs)).unwrap(), base);
+        assert!(event_time(&v, &cfg(TimeFormat::Rfc3339)).is_err());
+        let v = json!({"ts": 1_795_428_000.5});
+        assert_eq!(
+            event_time(&v, &cfg(TimeFormat::EpochS)).unwrap(),
+            base + 500
+        );
+        let v = json!({"ts": "1795428000"});
+        assert_eq!(event_time(&v, &cfg(TimeFormat::EpochS)).unwrap(), base);
+        let e = event_time(&json!({"ts": "yesterday"}), &cfg(TimeFormat::Auto)).unwrap_err();
+        assert!(e.message.starts_with("time field /ts:"), "{}", e.message);
+        let e = event_time(&json!({}), &cfg(TimeFormat::Auto)).unwrap_err();
+        assert_eq!(e.message, "time field /ts is missing");
+        assert!(event_time(&json!({"ts": 1e300}), &cfg(TimeFormat::EpochS)).is_err());
+    }
+
+    #[test]
+    fn ts_bytes_sort_like_numbers() {
+        let ts = [i64::MIN, -5, -1, 0, 1, 1_795_428_000_000, i64::MAX];
+        for w in ts.windows(2) {
+            assert!(ts_bytes(w[0]) < ts_bytes(w[1]));
+        }
+        for t in ts {
+            assert_eq!(ts_from_bytes(&ts_bytes(t)), Some(t));
+        }
+    }
+
+    #[test]
+    fn output_shapes() {
+        let right = json!({"name": "ann", "country": "DE"});
+        let mut left = json!({"id": 1}).as_object().cloned().unwrap();
+        OutputShape::from_parts(Some("user"), None, None)
+            .unwrap()
+            .merge(&mut left, Some(&right))
+            .unwrap();
+        assert_eq!(Value::Object(left), json!({"id": 1, "user": right}));
+
+        let mut left = json!({"id": 1}).as_object().cloned().unwrap();
+        let shape = OutputShape::from_parts(None, Some("user_"), None).unwrap();
+        shape.merge(&mut left, Some(&right)).unwrap();
+        assert_eq!(
+            Value::Object(left),
+            json!({"id": 1, "user_name": "ann", "user_country": "DE"})
+        );
+
+        let fields = vec!["name".to_string()];
+        let shape = OutputShape::from_parts(None, Some("u_"), Some(&fields)).unwrap();
+        let mut left = json!({"id": 1}).as_object().cloned().unwrap();
+        shape.merge(&mut left, None).unwrap();
+        assert_eq!(Value::Object(left), json!({"id": 1, "u_name": null}));
+
+        assert!(OutputShape::from_parts(None, None, None).is_err());
+        assert!(OutputShape::from_parts(Some("a"), Some("b"), None).is_err());
+    }
+
+    #[test]
+    fn sweeper_returns_expired_entries_in_time_order_within_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::state::StateStore::open(dir.path()).unwrap();
+        let mut txn = store.txn();
+        let mut st = txn.stage("s", 0);
+        // 5000 entries at 1 ms spacing, then a sparse tail far in the future.
+        for i in 0..5_000i64 {
+            let mut k = vec![b'T'];
+            k.extend_from_slice(&ts_bytes(i));
+            k.extend_from_slice(b"k");
+            st.put(&k, b"");
+        }
+        let mut k = vec![b'T'];
+        k.extend_from_slice(&ts_bytes(10_000_000));
+        st.put(&k, b"");
+        let mut sw = Sweeper::default();
+        let mut cursor = 0;
+        let mut seen = Vec::new();
+        let mut calls = 0;
+        while cursor < 9_000_000 {
+            let (got, c) = sw.expired(&st, b'T', cursor, 9_000_000, 1_000).unwrap();
+            assert!(got.len() <= 2_000, "{} entries in one call", got.len());
+            seen.extend(got.into_iter().map(|e| e.ts));
+            cursor = c;
+            calls += 1;
+            assert!(calls < 100);
+        }
+        assert_eq!(seen, (0..5_000).collect::<Vec<_>>());
+    }
+}
