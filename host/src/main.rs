@@ -43,6 +43,11 @@ enum Command {
         #[arg(short, long, required = true)]
         config: Vec<PathBuf>,
     },
+    /// Inspect and replay the dead-letter topic of a pipeline.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Check a pipeline file, its plugins, its ClickHouse tables and its Kafka topics.
     Validate {
         #[arg(short, long)]
@@ -50,6 +55,46 @@ enum Command {
         /// Only check the file and the plugins (no connection to ClickHouse or Kafka).
         #[arg(long)]
         offline: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// One line per dead letter: position, stage, kind, source, message.
+    List {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        partition: Option<i32>,
+        /// First dead-letter offset to show.
+        #[arg(long)]
+        from: Option<i64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One dead letter in full: headers, key and value.
+    Show {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        partition: i32,
+        #[arg(long)]
+        offset: i64,
+    },
+    /// Re-run dead letters through the pipeline's stages (e.g. after fixing a plugin) into
+    /// ClickHouse, without duplicating rows already there: progress is kept beside the
+    /// pipeline's state, so dead letters are replayed once. Records that fail again go back to
+    /// the dead-letter topic (and can be replayed after the next fix).
+    Replay {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        partition: Option<i32>,
+        #[arg(long)]
+        from: Option<i64>,
+        /// Last dead-letter offset (inclusive).
+        #[arg(long)]
+        to: Option<i64>,
     },
 }
 
@@ -84,6 +129,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(&config).await,
             Command::Validate { config, offline } => validate_cmd(&config, offline).await,
+            Command::Dlq { command } => dlq_cmd(command).await,
         }
     });
     match result {
@@ -272,4 +318,142 @@ async fn validate_cmd(path: &Path, offline: bool) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::FAILURE)
     }
+}
+
+async fn dlq_cmd(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
+    use sluice::dlq::tools::{self, Selection};
+    match cmd {
+        DlqCommand::List {
+            config,
+            partition,
+            from,
+            limit,
+        } => {
+            let cfg = LoadedConfig::load(&config)?;
+            let p = cfg.pipeline;
+            let sel = Selection {
+                partition,
+                from,
+                to: None,
+                limit: Some(limit),
+            };
+            let entries = tokio::task::spawn_blocking(move || {
+                tools::read(&p.kafka, &p.dead_letter.topic, &sel)
+            })
+            .await??;
+            println!("PARTITION\tOFFSET\tSTAGE\tKIND\tSOURCE\tMESSAGE");
+            for e in &entries {
+                let h = |k: &str| e.header(k).unwrap_or_default();
+                let mut msg = h(sluice::dlq::H_MESSAGE);
+                if msg.len() > 160 {
+                    let cut = (0..=160)
+                        .rev()
+                        .find(|i| msg.is_char_boundary(*i))
+                        .unwrap_or(0);
+                    msg.truncate(cut);
+                    msg.push('…');
+                }
+                println!(
+                    "{}\t{}\t{}\t{}\t{}/{}@{}\t{}",
+                    e.partition,
+                    e.offset,
+                    h(sluice::dlq::H_STAGE),
+                    h(sluice::dlq::H_KIND),
+                    h(sluice::dlq::H_TOPIC),
+                    h(sluice::dlq::H_PARTITION),
+                    h(sluice::dlq::H_OFFSET),
+                    msg
+                );
+            }
+            eprintln!("{} dead letter(s)", entries.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show {
+            config,
+            partition,
+            offset,
+        } => {
+            let cfg = LoadedConfig::load(&config)?;
+            let p = cfg.pipeline;
+            let sel = Selection {
+                partition: Some(partition),
+                from: Some(offset),
+                to: Some(offset),
+                limit: Some(1),
+            };
+            let entries = tokio::task::spawn_blocking(move || {
+                tools::read(&p.kafka, &p.dead_letter.topic, &sel)
+            })
+            .await??;
+            let Some(e) = entries.first() else {
+                anyhow::bail!("no dead letter at partition {partition} offset {offset}");
+            };
+            println!("partition: {}\noffset: {}", e.partition, e.offset);
+            for h in &e.headers {
+                println!("header {}: {}", h.key, String::from_utf8_lossy(&h.value));
+            }
+            if let Some(k) = &e.key {
+                println!("key: {}", String::from_utf8_lossy(k));
+            }
+            println!("value: {}", String::from_utf8_lossy(&e.value));
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay {
+            config,
+            partition,
+            from,
+            to,
+        } => {
+            let cfg = LoadedConfig::load(&config)?;
+            let p = cfg.pipeline.clone();
+            let runtime = runtime_for(&cfg)?;
+            let mut stages = sluice::stage::build(&cfg, &runtime)?;
+            let sink = ClickHouseSink::connect(&p.sink.clickhouse).await?;
+            let dlq = DeadLetterQueue::connect(&p.kafka, &p.dead_letter.topic, &p.name)?;
+            // Scratch state: the running pipeline holds its own store's lock.
+            let scratch = tempfile_dir()?;
+            let state = StateStore::open(&scratch)?;
+            let sel = Selection {
+                partition,
+                from,
+                to,
+                limit: None,
+            };
+            let progress = cfg.state_dir().join("dlq-replay-progress.json");
+            std::fs::create_dir_all(cfg.state_dir())?;
+            let report = sluice::dlq::tools::replay(
+                &p.name,
+                &p.kafka,
+                &dlq,
+                &sel,
+                &mut stages,
+                &sink,
+                &state,
+                &progress,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("replay failed: {e}"))?;
+            drop(state);
+            let _ = std::fs::remove_dir_all(&scratch);
+            println!(
+                "replayed {} dead letter(s) in {} chunk(s): {} row(s) inserted, {} dead-lettered again, {} skipped (replayed before)",
+                report.replayed, report.chunks, report.rows_inserted, report.dead_again, report.already_replayed
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A private scratch directory for replay state.
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-replay-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

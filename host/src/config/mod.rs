@@ -323,6 +323,25 @@ pub struct DeadLetterConfig {
 pub struct StateConfig {
     /// Directory for the batch journal and stage state; default `./sluice-state/<pipeline>`.
     pub dir: Option<PathBuf>,
+    /// RocksDB block cache shared by all state (dedup keys, join buffers), in MiB: bounds read
+    /// memory whatever the state size. Default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_cache_mb: Option<usize>,
+    /// RocksDB write buffer (memtable) size per column family, in MiB; up to two per family
+    /// are in memory. Default 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_buffer_mb: Option<usize>,
+}
+
+impl StateConfig {
+    /// The memory settings to open the state store with.
+    pub fn memory(&self) -> crate::state::StateMemory {
+        let d = crate::state::StateMemory::default();
+        crate::state::StateMemory {
+            block_cache_mb: self.block_cache_mb.unwrap_or(d.block_cache_mb).max(1),
+            write_buffer_mb: self.write_buffer_mb.unwrap_or(d.write_buffer_mb).max(1),
+        }
+    }
 }
 
 /// A parsed pipeline file plus where it came from (relative plugin paths resolve against it).

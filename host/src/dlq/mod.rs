@@ -5,6 +5,8 @@
 //! committed, so a record is never lost; after a crash a replayed batch may produce the same
 //! dead letter twice (at-least-once): the `sluice.source.*` headers identify duplicates.
 
+pub mod tools;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

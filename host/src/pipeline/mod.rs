@@ -153,6 +153,9 @@ impl Pipeline {
             stats: self.stats.clone(),
         };
         let mut worker_task = tokio::spawn(worker.run(rx));
+        // Set once the worker's result has been taken (a finished JoinHandle must not be
+        // awaited again).
+        let mut worker_done = false;
         let batch_cfg = p.sink.batch.clone();
         let mut accs: HashMap<PartitionKey, Accumulator> = HashMap::new();
         let mut journals: HashMap<PartitionKey, PartitionJournal> = HashMap::new();
@@ -167,7 +170,10 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break Ok(()),
-                r = &mut worker_task => break Err(worker_exit(r)),
+                r = &mut worker_task, if !worker_done => {
+                    worker_done = true;
+                    break Err(worker_exit(r));
+                }
                 Some(ev) = events.recv() => {
                     if let RebalanceEvent::Revoked(parts) = ev {
                         for pk in parts {
@@ -193,6 +199,7 @@ impl Pipeline {
                                     Stats::add(&self.stats.recovered_batches, 1);
                                     let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox };
                                     if tx.send(item).await.is_err() {
+                                        worker_done = true;
                                         break Err(worker_exit((&mut worker_task).await));
                                     }
                                     j.next_offset = Some(pending.last + 1);
@@ -214,6 +221,7 @@ impl Pipeline {
                     if acc.is_full(&batch_cfg) {
                         if let Some(sealed) = accs.remove(&pk).and_then(|a| a.seal(&pk)) {
                             if tx.send(WorkItem::Batch(sealed)).await.is_err() {
+                                worker_done = true;
                                 break Err(worker_exit((&mut worker_task).await));
                             }
                         }
@@ -249,6 +257,10 @@ impl Pipeline {
             }
         }
         drop(tx);
+        if worker_done {
+            self.report();
+            return result;
+        }
         let worker_result = worker_task
             .await
             .map_err(|e| PipelineError::Worker(e.to_string()))?;

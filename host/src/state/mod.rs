@@ -17,8 +17,8 @@ mod txn;
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch,
-    WriteOptions, DB,
+    BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, DataBlockIndexType,
+    Options, WriteBatch, WriteOptions, DB,
 };
 use serde::{Deserialize, Serialize};
 
@@ -117,11 +117,17 @@ impl StateStore {
         table.set_metadata_block_size(4096);
         table.set_pin_top_level_index_and_filter(true);
         table.set_cache_index_and_filter_blocks_with_high_priority(true);
+        // Point lookups (dedup keys, table rows) find their entry in a block by hash.
+        table.set_data_block_index_type(DataBlockIndexType::BinaryAndHash);
+        table.set_data_block_hash_ratio(0.75);
         let cf_opts = |write_buffer_mb: usize| {
             let mut o = Options::default();
             o.set_block_based_table_factory(&table);
             o.set_write_buffer_size(write_buffer_mb * 1024 * 1024);
             o.set_max_write_buffer_number(2);
+            // A bloom filter over the memtable: lookups of absent keys skip its skiplist.
+            o.set_memtable_whole_key_filtering(true);
+            o.set_memtable_prefix_bloom_ratio(0.05);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             o
         };

@@ -3,13 +3,17 @@
 //!
 //! Both sides are buffered in state, by key and time for matching and in time indexes for
 //! expiry. A pair is emitted when the later of its two records arrives, so each pair is emitted
-//! exactly once. The watermark is the smaller of the two sides' largest event times; a record
-//! more than `allowed_lateness` behind it is dead-lettered as `late`. A buffered record is
-//! dropped once no record that is not late could pair with it any more; a left record that never
-//! paired is then emitted with the right side null (`left_outer`).
+//! exactly once.
 //!
-//! Because the watermark is the *minimum* of both sides, the set of emitted rows does not depend
-//! on how the engine interleaves left and right batches, only on each side's own disorder.
+//! Each side has a watermark: the largest event time seen on it. A record more than
+//! `allowed_lateness` behind its own side's watermark is dead-lettered as `late`; every other
+//! record is at least `watermark - allowed_lateness` of its side. That bounds what can still
+//! pair: a buffered right is dropped once `right.ts + before` falls below the *left*
+//! watermark minus the lateness, a buffered left once `left.ts + after` falls below the
+//! *right* one, and a left that never paired is then emitted with the right side null
+//! (`left_outer`). Whether a record is late depends only on its own side, and nothing is
+//! dropped while a partner that is not late could still arrive, so the emitted rows do not
+//! depend on how the engine interleaves left and right batches.
 //!
 //! State, per stage and partition number:
 //! - `L` + key + time + position → the left record (see [`super::codec`]);
@@ -140,10 +144,6 @@ impl Marks {
         })
     }
 
-    fn watermark(&self) -> Option<i64> {
-        Some(self.left?.min(self.right?))
-    }
-
     fn store(&self, st: &mut StageState<'_, '_>) {
         let now = [self.left, self.right, self.cursor_left, self.cursor_right];
         for (i, key) in [WM_LEFT, WM_RIGHT, CURSOR_LEFT, CURSOR_RIGHT]
@@ -178,12 +178,13 @@ impl IntervalJoinStage {
         })
     }
 
-    fn late(&self, marks: &Marks, ts: i64) -> Option<Reject> {
-        let w = marks.watermark()?;
+    /// `Some` when `ts` is too far behind `watermark`, the largest time seen on its side.
+    fn late(&self, watermark: Option<i64>, ts: i64, side: &str) -> Option<Reject> {
+        let w = watermark?;
         (ts < w.saturating_sub(self.lateness)).then(|| Reject {
             kind: "late",
             message: format!(
-                "event time {ts} is {} ms behind the join watermark {w} (allowed lateness {} ms)",
+                "event time {ts} is {} ms behind the {side} watermark {w} (allowed lateness {} ms)",
                 w - ts,
                 self.lateness
             ),
@@ -255,7 +256,7 @@ impl IntervalJoinStage {
                     continue;
                 }
             };
-            if let Some(reject) = self.late(&marks, ts) {
+            if let Some(reject) = self.late(marks.left, ts, "left") {
                 out.dead_letters
                     .push(reject.into_dead_letter(&self.name, r));
                 continue;
@@ -310,7 +311,7 @@ impl IntervalJoinStage {
                     continue;
                 }
             };
-            if let Some(reject) = self.late(&marks, ts) {
+            if let Some(reject) = self.late(marks.right, ts, "right") {
                 out.dead_letters
                     .push(reject.into_dead_letter(&self.name, r));
                 continue;
@@ -358,14 +359,13 @@ impl IntervalJoinStage {
         out: &mut StageOutput,
         budget: usize,
     ) -> Result<(), StateError> {
-        let Some(w) = marks.watermark() else {
-            return Ok(());
-        };
         let mut unmatched = 0u64;
-        // A right at ts pairs with lefts in [ts - after, ts + before]; future lefts are at least
-        // at w - lateness. So it is done once ts + before < w - lateness.
-        let cutoff = w.saturating_sub(self.lateness).saturating_sub(self.before);
-        if let Some(c) = marks.cursor_right.filter(|c| *c < cutoff) {
+        // A right pairs with lefts up to right.ts + before; lefts still to come are at least at
+        // the left watermark minus the lateness.
+        let right_cutoff = marks
+            .left
+            .map(|w| w.saturating_sub(self.lateness).saturating_sub(self.before));
+        if let Some((c, cutoff)) = marks.cursor_right.zip(right_cutoff).filter(|(c, k)| c < k) {
             let (entries, next) = self
                 .right_sweeper
                 .expired(st, RIGHT_INDEX, c, cutoff, budget)?;
@@ -377,9 +377,11 @@ impl IntervalJoinStage {
             }
             marks.cursor_right = Some(next);
         }
-        // Symmetrically, a left is done once ts + after < w - lateness.
-        let cutoff = w.saturating_sub(self.lateness).saturating_sub(self.after);
-        if let Some(c) = marks.cursor_left.filter(|c| *c < cutoff) {
+        // Symmetrically for lefts, against the right watermark.
+        let left_cutoff = marks
+            .right
+            .map(|w| w.saturating_sub(self.lateness).saturating_sub(self.after));
+        if let Some((c, cutoff)) = marks.cursor_left.zip(left_cutoff).filter(|(c, k)| c < k) {
             let (entries, next) = self
                 .left_sweeper
                 .expired(st, LEFT_INDEX, c, cutoff, budget)?;
@@ -501,7 +503,7 @@ mod tests {
     fn pairs_are_emitted_once_when_the_later_side_arrives() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
-        let mut s = stage("allowed_lateness: 10m\nnest: user\n");
+        let mut s = stage("allowed_lateness: 15m\nnest: user\n");
         // Left first: nothing to pair with yet.
         let out = run_batch(
             &store,
@@ -569,10 +571,10 @@ mod tests {
             pairs(&out),
             BTreeSet::from([("matched".into(), "ann".into())])
         );
-        // Watermark = min(left 10m, right 11m) = 10m: windows still open.
+        // The right watermark (11m) does not close lefts at 10m: 10m + 5m + 1m > 11m.
         let out = run_batch(&store, &mut s, false, vec![tx(2, "later", 3, 17 * MIN)]);
         assert!(out.records.is_empty());
-        // Right side moves to 16m+1ms: watermark 16m+1ms > 10m + 5m + 1m: "lonely" closes.
+        // Right watermark 16m+1ms > 10m + 5m + 1m: "lonely" closes, unmatched.
         let out = run_batch(&store, &mut s, true, vec![user(1, 9, 16 * MIN + 1, "x")]);
         let r = rows(&out);
         assert_eq!(r.len(), 1, "{r:?}");
@@ -580,23 +582,26 @@ mod tests {
         assert_eq!(r[0]["user"], Value::Null);
         assert_eq!(out.records[0].origin.offset, 1);
         assert_eq!(counter(&out, "join_unmatched"), 1);
-        // Buffered: lefts "later"; rights at 11m ("ann", done once 11m + 5m + 1m < wm) and 16m.
+        // Buffered: left "later"; rights at 11m and 16m (a right at 11m closes once the left
+        // watermark passes 11m + 5m + 1m; it is 17m).
         let mut txn = store.txn();
         let st = txn.stage("join", 0);
         assert_eq!(st.scan_prefix(b"L").unwrap().len(), 1);
         assert_eq!(st.scan_prefix(b"X").unwrap().len(), 1);
         assert_eq!(st.scan_prefix(b"R").unwrap().len(), 2);
         drop(txn);
+        // Right watermark 30m: "later" (17m) closes, unmatched.
         let out = run_batch(&store, &mut s, true, vec![user(2, 9, 30 * MIN, "y")]);
-        assert!(out.records.is_empty());
-        let out = run_batch(&store, &mut s, false, vec![tx(3, "last", 4, 30 * MIN)]);
-        // "later" (17m) closes at watermark 30m: emitted unmatched; rights at 11m, 16m dropped.
         assert_eq!(rows(&out).len(), 1);
         assert_eq!(rows(&out)[0]["id"], "later");
+        // Left watermark 30m: rights at 11m and 16m close; "last" stays buffered.
+        let out = run_batch(&store, &mut s, false, vec![tx(3, "last", 4, 30 * MIN)]);
+        assert!(out.records.is_empty());
         let mut txn = store.txn();
         let st = txn.stage("join", 0);
         assert_eq!(st.scan_prefix(b"R").unwrap().len(), 1);
         assert_eq!(st.scan_prefix(b"Y").unwrap().len(), 1);
+        assert_eq!(st.scan_prefix(b"L").unwrap().len(), 1);
     }
 
     #[test]
@@ -632,12 +637,17 @@ mod tests {
                     i,
                     &format!("t{i}"),
                     (i % 5) as u64,
-                    i * 20_000 + (i % 3) * 7_000,
+                    // Disorder within the lateness, and every 17th record 3 minutes behind:
+                    // late, whatever the other side did.
+                    i * 20_000 + (i % 3) * 7_000 - if i % 17 == 16 { 3 * MIN } else { 0 },
                 )
             })
             .collect();
         let rights: Vec<Record> = (0..20)
-            .map(|i| user(i, (i % 5) as u64, i * 60_000, &format!("u{i}")))
+            .map(|i| {
+                let late = if i % 7 == 6 { 4 * MIN } else { 0 };
+                user(i, (i % 5) as u64, i * 60_000 - late, &format!("u{i}"))
+            })
             .collect();
         let run = |chunk_l: usize, chunk_r: usize, right_first: bool| {
             let dir = tempfile::tempdir().unwrap();
@@ -645,6 +655,7 @@ mod tests {
             let mut s =
                 stage("mode: left_outer\nallowed_lateness: 1m\nprefix: user_\nfields: [name]\n");
             let mut got = BTreeSet::new();
+            let mut late = BTreeSet::new();
             let mut l = lefts.chunks(chunk_l);
             let mut r = rights.chunks(chunk_r);
             loop {
@@ -658,7 +669,10 @@ mod tests {
                 }
                 for (side, c) in a.into_iter().chain(b) {
                     let out = run_batch(&store, &mut s, side, c.to_vec());
-                    assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters);
+                    for d in &out.dead_letters {
+                        assert_eq!(d.kind, "late");
+                        late.insert((d.origin.topic.to_string(), d.origin.offset));
+                    }
                     for v in rows(&out) {
                         assert!(
                             got.insert((
@@ -670,17 +684,30 @@ mod tests {
                     }
                 }
             }
-            got
+            (got, late)
         };
-        let a = run(7, 3, false);
+        let (a, late) = run(7, 3, false);
+        assert_eq!(
+            late,
+            BTreeSet::from([
+                ("tx".to_string(), 16),
+                ("tx".to_string(), 33),
+                ("tx".to_string(), 50),
+                ("users".to_string(), 6),
+                ("users".to_string(), 13),
+            ])
+        );
+        let a = (a, late);
         assert_eq!(a, run(60, 20, true));
         assert_eq!(a, run(1, 1, true));
         assert_eq!(a, run(13, 20, false));
         // Brute force over all pairs for the matched part.
         let mut expected = BTreeSet::new();
-        for l in &lefts {
+        let (a, late) = a;
+        let accepted = |r: &&Record| !late.contains(&(r.origin.topic.to_string(), r.origin.offset));
+        for l in lefts.iter().filter(accepted) {
             let lv: Value = serde_json::from_slice(&l.value).unwrap();
-            for r in &rights {
+            for r in rights.iter().filter(accepted) {
                 let rv: Value = serde_json::from_slice(&r.value).unwrap();
                 let (lt, rt) = (lv["ts"].as_i64().unwrap(), rv["at"].as_i64().unwrap());
                 if lv["user_id"] == rv["uid"] && rt >= lt - 5 * MIN && rt <= lt + 5 * MIN {

@@ -292,7 +292,7 @@ impl Stage for WasmStage {
             "batch failed ({failure}); isolating the failing records");
         let mut out = StageOutput::default();
         let n = batch.len();
-        let mut budget = 16 + 4 * (usize::BITS - n.leading_zeros());
+        let mut budget = 8 + 2 * (usize::BITS - n.leading_zeros());
         let full_budget = budget;
         self.bisect(&batch, &inputs, ctx, &mut out, &mut budget)?;
         // Records the plugin failed on (not the per-record errors it returned as data).
