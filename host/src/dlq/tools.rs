@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{DeadLetterQueue, DlqError, H_OFFSET, H_PARTITION, H_TIMESTAMP, H_TOPIC};
@@ -147,17 +147,7 @@ pub fn read_with_ends(
             ends.remove(&p);
             continue;
         }
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| Header {
-                        key: h.key.to_string(),
-                        value: Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = crate::source::kafka::copy_headers(&m);
         out.push(DlqEntry {
             partition: p,
             offset: o,

@@ -221,9 +221,9 @@ impl Committer {
     }
 }
 
-fn to_origin(m: &BorrowedMessage<'_>) -> Origin {
-    let headers = m
-        .headers()
+/// A message's headers, copied out of librdkafka's buffer.
+pub fn copy_headers(m: &BorrowedMessage<'_>) -> Vec<Header> {
+    m.headers()
         .map(|hs| {
             hs.iter()
                 .map(|h| Header {
@@ -232,7 +232,11 @@ fn to_origin(m: &BorrowedMessage<'_>) -> Origin {
                 })
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn to_origin(m: &BorrowedMessage<'_>) -> Origin {
+    let headers = copy_headers(m);
     Origin {
         topic: Arc::from(m.topic()),
         partition: m.partition(),
