@@ -153,7 +153,7 @@ async fn build_pipeline(cfg: LoadedConfig, runtime: &PluginRuntime) -> anyhow::R
         .with_context(|| format!("{}: building stages", cfg.path.display()))?;
     let sink = ClickHouseSink::connect(&p.sink.clickhouse).await?;
     check_columns(&cfg, &sink)?;
-    let state = StateStore::open(&cfg.state_dir())?;
+    let state = StateStore::open_with(&cfg.state_dir(), cfg.pipeline.state.memory())?;
     DeadLetterQueue::ensure_topic(&p.kafka, &p.dead_letter.topic).await?;
     let dlq = DeadLetterQueue::connect(&p.kafka, &p.dead_letter.topic, &p.name)?;
     Ok(Pipeline::new(cfg, stages, sink, dlq, state))

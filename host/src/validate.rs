@@ -193,6 +193,7 @@ async fn check_kafka(cfg: &LoadedConfig, r: &mut Report) {
     };
     let brokers = k.brokers.clone();
     let topics = k.topics.clone();
+    let pipeline = cfg.pipeline.clone();
     let md = tokio::task::spawn_blocking(move || {
         consumer
             .fetch_metadata(None, Duration::from_secs(10))
@@ -206,6 +207,13 @@ async fn check_kafka(cfg: &LoadedConfig, r: &mut Report) {
     .await;
     match md {
         Ok(Ok(found)) => {
+            // Joins need their topics co-partitioned (same partition count, same key hashing).
+            let counts: std::collections::BTreeMap<String, usize> = found.iter().cloned().collect();
+            if let Err(msg) = crate::stage::join::check_copartitioned(&pipeline, &counts) {
+                for line in msg.lines() {
+                    r.errors.push(format!("{}: {line}", cfg.path.display()));
+                }
+            }
             for t in &topics {
                 match found.iter().find(|(n, _)| n == t) {
                     Some((_, parts)) => r

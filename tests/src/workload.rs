@@ -200,6 +200,85 @@ pub fn users(count: u64) -> Vec<Event> {
         .collect()
 }
 
+/// A timestamped user profile, the right side of the interval-join workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub user_id: u64,
+    pub name: String,
+    pub country: String,
+    /// Event time, epoch milliseconds (written as a number).
+    pub ts_ms: i64,
+}
+
+impl Profile {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "user_id": self.user_id,
+            "name": self.name,
+            "country": self.country,
+            "ts": self.ts_ms,
+        }))
+        .unwrap_or_default()
+    }
+}
+
+/// Profiles spread around the transaction stream: user `u` at
+/// `BASE_TS_MS + (u - users / 2) * spacing_ms`, and every 7th user again 2 minutes later under a
+/// new name (`user-<u>-v2`), so some transactions pair with two profiles, some with one and some
+/// (users far from the transactions' times) with none. Sorted by time.
+pub fn user_profiles(users: u64, spacing_ms: i64) -> Vec<Profile> {
+    let countries = ["DE", "FR", "US", "GB", "CH", "JP"];
+    let mut out = Vec::new();
+    for u in 0..users {
+        let ts_ms = BASE_TS_MS + (u as i64 - (users / 2) as i64) * spacing_ms;
+        let country = countries[(u % countries.len() as u64) as usize].to_string();
+        out.push(Profile {
+            user_id: u,
+            name: format!("user-{u}"),
+            country: country.clone(),
+            ts_ms,
+        });
+        if u % 7 == 0 {
+            out.push(Profile {
+                user_id: u,
+                name: format!("user-{u}-v2"),
+                country,
+                ts_ms: ts_ms + 120_000,
+            });
+        }
+    }
+    out.sort_by_key(|p| (p.ts_ms, p.user_id));
+    out
+}
+
+/// Event time of a transaction as [`transaction`] writes it (epoch milliseconds, or the RFC 3339
+/// text of [`rfc3339_ms`]).
+pub fn event_time_ms(v: &serde_json::Value) -> Option<i64> {
+    if let Some(n) = v.as_i64() {
+        return Some(n);
+    }
+    let s = v.as_str()?;
+    // YYYY-MM-DDTHH:MM:SS.mmmZ
+    let num = |a: usize, b: usize| s.get(a..b)?.parse::<i64>().ok();
+    if s.len() != 24 || !s.ends_with('Z') {
+        return None;
+    }
+    let days = days_from_civil(num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let secs = days * 86_400 + num(11, 13)? * 3600 + num(14, 16)? * 60 + num(17, 19)?;
+    Some(secs * 1000 + num(20, 23)?)
+}
+
+/// (year, month, day) → days since 1970-01-01 (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +295,23 @@ mod tests {
         assert_eq!(a.len(), 1000);
         assert_eq!(a.iter().filter(|e| e.malformed).count(), 10);
         assert!(a.iter().zip(&b).all(|(x, y)| x.value == y.value));
+    }
+
+    #[test]
+    fn event_times_round_trip() {
+        for ms in [0, BASE_TS_MS, BASE_TS_MS + 123, BASE_TS_MS + 86_399_999] {
+            assert_eq!(event_time_ms(&json!(rfc3339_ms(ms))), Some(ms));
+            assert_eq!(event_time_ms(&json!(ms)), Some(ms));
+        }
+        assert_eq!(event_time_ms(&json!("yesterday")), None);
+    }
+
+    #[test]
+    fn profiles_are_sorted_and_some_users_have_two() {
+        let p = user_profiles(40, 30_000);
+        assert_eq!(p.len(), 40 + 6);
+        assert!(p.windows(2).all(|w| w[0].ts_ms <= w[1].ts_ms));
+        assert_eq!(p.iter().filter(|x| x.user_id == 7).count(), 2);
     }
 
     #[test]

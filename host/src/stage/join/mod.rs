@@ -137,6 +137,21 @@ dead_letter: {topic: dlq}
             ok.pipeline.stages[0].kind(),
             Some(StageKind::Dedup(_))
         ));
+        let (m, d) = (
+            ok.pipeline.state.memory(),
+            crate::state::StateMemory::default(),
+        );
+        assert_eq!(
+            (m.block_cache_mb, m.write_buffer_mb),
+            (d.block_cache_mb, d.write_buffer_mb)
+        );
+        let with_memory = format!(
+            "{}state: {{block_cache_mb: 256, write_buffer_mb: 8}}\n",
+            base("  - name: d\n    dedup: {key: /id, window: 1h}")
+        );
+        let c = LoadedConfig::from_str(Path::new("p.yaml"), &with_memory).unwrap();
+        let m = c.pipeline.state.memory();
+        assert_eq!((m.block_cache_mb, m.write_buffer_mb), (256, 8));
     }
 
     #[test]
