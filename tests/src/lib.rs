@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod plugins;
 pub mod services;
 pub mod sluice;

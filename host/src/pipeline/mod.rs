@@ -183,6 +183,25 @@ impl Pipeline {
                         }
                     }
                 }
+                // Before `recv` in this biased select: with a steady stream of messages the age
+                // limit must still close batches (and progress must still be reported).
+                _ = tick.tick() => {
+                    let aged: Vec<PartitionKey> = accs.iter()
+                        .filter(|(_, a)| a.is_aged(&batch_cfg))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for pk in aged {
+                        if let Some(sealed) = accs.remove(&pk).and_then(|a| a.seal(&pk)) {
+                            if tx.send(WorkItem::Batch(sealed)).await.is_err() {
+                                return Err(worker_exit((&mut worker_task).await));
+                            }
+                        }
+                    }
+                    if last_report.elapsed() >= Duration::from_secs(5) {
+                        last_report = Instant::now();
+                        self.report();
+                    }
+                }
                 m = source.recv() => {
                     let origin = m?;
                     Stats::add(&self.stats.consumed, 1);
@@ -225,23 +244,6 @@ impl Pipeline {
                                 break Err(worker_exit((&mut worker_task).await));
                             }
                         }
-                    }
-                }
-                _ = tick.tick() => {
-                    let aged: Vec<PartitionKey> = accs.iter()
-                        .filter(|(_, a)| a.is_aged(&batch_cfg))
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    for pk in aged {
-                        if let Some(sealed) = accs.remove(&pk).and_then(|a| a.seal(&pk)) {
-                            if tx.send(WorkItem::Batch(sealed)).await.is_err() {
-                                return Err(worker_exit((&mut worker_task).await));
-                            }
-                        }
-                    }
-                    if last_report.elapsed() >= Duration::from_secs(5) {
-                        last_report = Instant::now();
-                        self.report();
                     }
                 }
             }

@@ -1,0 +1,267 @@
+//! Runs the real `sluice` binary on a backlog and measures it from the outside: rows visible in
+//! ClickHouse (polled), CPU and peak RSS of the process (from `/proc`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::kafka::RECEIVE_MESSAGE_MAX_BYTES;
+use super::procfs::{self, ProcUsage};
+
+/// What one pipeline file says; everything else is sluice's defaults (batches of up to
+/// 100,000 rows / 32 MiB / 250 ms, plugin limits 256 MiB / 5 s).
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    pub name: String,
+    pub brokers: String,
+    pub topic: String,
+    pub group: String,
+    pub ch_url: String,
+    pub table: String,
+    pub plugin: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl PipelineSpec {
+    /// Writes the pipeline file (JSON, which is YAML) and returns its path.
+    pub fn write(&self, dir: &Path) -> Result<PathBuf> {
+        let cfg = serde_json::json!({
+            "name": self.name,
+            "kafka": {
+                "brokers": self.brokers,
+                "topics": [self.topic],
+                "group_id": self.group,
+                "start_offset": "earliest",
+                "properties": {"receive.message.max.bytes": RECEIVE_MESSAGE_MAX_BYTES},
+            },
+            "stages": [{
+                "name": "enrich",
+                "wasm": {"plugin": self.plugin, "config": {"version": "v1"}},
+            }],
+            "sink": {"clickhouse": {"url": self.ch_url, "table": self.table}},
+            "dead_letter": {"topic": format!("{}-dlq", self.topic)},
+            "state": {"dir": self.state_dir},
+        });
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{}.yaml", self.name));
+        std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
+        Ok(path)
+    }
+}
+
+/// Compiles the plugin into the pipeline's artifact cache (`<state.dir>/plugin-cache`) with
+/// `sluice validate --offline`, so that a following `run` starts from the precompiled artifact.
+pub fn warm_plugin_cache(sluice: &Path, config: &Path) -> Result<Duration> {
+    let t0 = Instant::now();
+    let out = Command::new(sluice)
+        .args(["validate", "--offline", "-c"])
+        .arg(config)
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .context("run sluice validate")?;
+    if !out.status.success() {
+        bail!(
+            "sluice validate failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(t0.elapsed())
+}
+
+/// A running `sluice run` whose output goes to a log file.
+pub struct SluiceProc {
+    child: Option<Child>,
+    pub pid: u32,
+    pub log: PathBuf,
+    pub started: Instant,
+}
+
+impl SluiceProc {
+    pub fn spawn(sluice: &Path, config: &Path, log: &Path) -> Result<Self> {
+        Self::spawn_wrapped(&[], sluice, config, log)
+    }
+
+    /// Runs sluice under `wrapper` (e.g. `perf record ... --`); `pid` is then sluice's own
+    /// process, found as the wrapper's child.
+    pub fn spawn_wrapped(
+        wrapper: &[String],
+        sluice: &Path,
+        config: &Path,
+        log: &Path,
+    ) -> Result<Self> {
+        let file =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let err = file.try_clone()?;
+        let started = Instant::now();
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(sluice);
+                c
+            }
+            None => Command::new(sluice),
+        };
+        let child = cmd
+            .args(["run", "-c"])
+            .arg(config)
+            .env("SLUICE_LOG", "info")
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .with_context(|| format!("spawn {}", sluice.display()))?;
+        let mut pid = child.id();
+        if !wrapper.is_empty() {
+            let children = format!("/proc/{pid}/task/{pid}/children");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            pid = loop {
+                let text = std::fs::read_to_string(&children).unwrap_or_default();
+                if let Some(p) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                    break p;
+                }
+                if Instant::now() > deadline {
+                    bail!("{} started no sluice process", wrapper.join(" "));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+        }
+        Ok(Self {
+            pid,
+            child: Some(child),
+            log: log.to_path_buf(),
+            started,
+        })
+    }
+
+    pub fn usage(&self) -> ProcUsage {
+        procfs::usage(self.pid).unwrap_or_default()
+    }
+
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(c) = self.child.as_mut() {
+            if let Some(s) = c.try_wait()? {
+                self.child = None;
+                bail!("sluice exited early with {s}\n{}", self.log_tail());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(40);
+        format!(
+            "--- {} ---\n{}",
+            self.log.display(),
+            lines[start..].join("\n")
+        )
+    }
+
+    /// SIGTERM (flush and commit), then wait; SIGKILL after `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<()> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .context("kill -TERM")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = c.try_wait()? {
+                if !s.success() {
+                    bail!("sluice exited with {s} after SIGTERM\n{}", self.log_tail());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!(
+                    "sluice did not stop within {timeout:?}\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for SluiceProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub async fn ch_count(ch: &clickhouse::Client, table: &str) -> Result<u64> {
+    ch.query(&format!("SELECT count() FROM {table}"))
+        .fetch_one::<u64>()
+        .await
+        .with_context(|| format!("count rows of {table}"))
+}
+
+/// Seconds from start until the first and until all `expected` rows were visible, with the
+/// processes' usage sampled at the moment all rows were seen.
+#[derive(Debug, Clone)]
+pub struct Visibility {
+    pub first_row_s: f64,
+    pub all_rows_s: f64,
+    pub usage: Vec<ProcUsage>,
+}
+
+/// Polls `count()` until `expected` rows are visible: every 10 ms until the first row (the
+/// first-row time needs the resolution), then every `every` (each poll costs ClickHouse CPU
+/// that the measured process could use). `start` is when the (first) process was spawned.
+pub async fn wait_visible(
+    ch: &clickhouse::Client,
+    table: &str,
+    expected: u64,
+    procs: &mut [SluiceProc],
+    start: Instant,
+    every: Duration,
+    timeout: Duration,
+) -> Result<Visibility> {
+    let mut first = None;
+    loop {
+        let n = ch_count(ch, table).await?;
+        let t = start.elapsed().as_secs_f64();
+        if n > 0 && first.is_none() {
+            first = Some(t);
+        }
+        if n >= expected {
+            if n > expected {
+                bail!("{table} has {n} rows, expected {expected}: duplicates");
+            }
+            return Ok(Visibility {
+                first_row_s: first.unwrap_or(t),
+                all_rows_s: t,
+                usage: procs.iter().map(SluiceProc::usage).collect(),
+            });
+        }
+        for p in procs.iter_mut() {
+            p.check_alive()?;
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "only {n} of {expected} rows visible in {table} after {timeout:?}\n{}",
+                procs
+                    .iter()
+                    .map(SluiceProc::log_tail)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        let pause = if first.is_some() {
+            every
+        } else {
+            Duration::from_millis(10)
+        };
+        tokio::time::sleep(pause).await;
+    }
+}

@@ -1,0 +1,332 @@
+//! The cost of running the enrich transform as a WebAssembly component, against the same Rust
+//! code compiled natively, both behind the engine's `Stage` interface and fed the same batches;
+//! plus plugin compile, load and instantiation times.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use sluice::config::{PluginLimits, WasiGrants};
+use sluice::record::{DeadLetter, Header, Origin, Record};
+use sluice::stage::wasm::{LogLabels, PluginRuntime, WasmStage};
+use sluice::stage::{BatchContext, PartitionKey, Stage, StageError, StageOutput};
+use sluice::state::{StateStore, StateTxn};
+use sluice_guest::Transform;
+use sluice_plugin_enrich::Enrich;
+
+use super::events::BenchEvent;
+
+const CONFIG: &str = r#"{"version":"v1"}"#;
+
+/// The enrich plugin's Rust code called directly: the same work a built-in stage would do
+/// (copy the record in, transform, copy the row out), without the sandbox.
+pub struct NativeEnrich {
+    plugin: Enrich,
+}
+
+impl NativeEnrich {
+    pub fn new() -> Result<Self> {
+        let plugin = sluice_guest::testing::init::<Enrich>(CONFIG)
+            .map_err(|e| anyhow::anyhow!("enrich init: {e}"))?;
+        Ok(Self { plugin })
+    }
+}
+
+impl Stage for NativeEnrich {
+    fn name(&self) -> &str {
+        "enrich-native"
+    }
+
+    fn process(
+        &mut self,
+        batch: Vec<Record>,
+        _ctx: &BatchContext,
+        _state: &mut StateTxn<'_>,
+    ) -> Result<StageOutput, StageError> {
+        let mut out = StageOutput::default();
+        out.records.reserve(batch.len());
+        for r in &batch {
+            let input = sluice_guest::Record {
+                key: r.key.as_ref().map(|k| k.to_vec()),
+                value: r.value.to_vec(),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|h| sluice_guest::Header {
+                        key: h.key.clone(),
+                        value: h.value.to_vec(),
+                    })
+                    .collect(),
+                source: sluice_guest::Source {
+                    topic: r.origin.topic.to_string(),
+                    partition: r.origin.partition,
+                    offset: r.origin.offset,
+                    timestamp_ms: r.origin.timestamp_ms,
+                },
+            };
+            let dead = |kind: &str, message: String| DeadLetter {
+                origin: r.origin.clone(),
+                stage: "enrich-native".into(),
+                plugin: None,
+                kind: kind.into(),
+                message,
+            };
+            match self.plugin.transform(&input) {
+                Ok(output) => {
+                    for row in output.rows() {
+                        match row.value() {
+                            Ok(v) => out.records.push(Record {
+                                origin: r.origin.clone(),
+                                key: None,
+                                value: Bytes::copy_from_slice(v),
+                                headers: Vec::new(),
+                                table: row.table().map(str::to_owned),
+                            }),
+                            Err(m) => out.dead_letters.push(dead("other", m.to_owned())),
+                        }
+                    }
+                }
+                Err(e) => out.dead_letters.push(dead(e.kind.as_str(), e.message)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Host records as the Kafka source would hand them to the first stage.
+pub fn records(events: &[BenchEvent]) -> Vec<Record> {
+    let topic: Arc<str> = Arc::from("bench");
+    (0_i64..)
+        .zip(events)
+        .map(|(offset, e)| {
+            Record::from_origin(Arc::new(Origin {
+                topic: topic.clone(),
+                partition: 0,
+                offset,
+                timestamp_ms: Some(e.ts_ms),
+                key: Some(Bytes::from(e.key.clone())),
+                value: Bytes::from(e.value.clone()),
+                headers: Vec::<Header>::new(),
+            }))
+        })
+        .collect()
+}
+
+/// A throwaway state store: the stage interface takes a state transaction, which neither
+/// enrich stage uses.
+pub fn scratch_state() -> Result<(tempfile::TempDir, StateStore)> {
+    let dir = tempfile::tempdir()?;
+    let store = StateStore::open(dir.path())?;
+    Ok((dir, store))
+}
+
+pub fn ctx(first: i64, last: i64) -> BatchContext {
+    BatchContext {
+        pipeline: "bench".into(),
+        partition: PartitionKey {
+            topic: "bench".into(),
+            partition: 0,
+        },
+        first_offset: first,
+        last_offset: last,
+    }
+}
+
+/// Seconds for one pass of `stage` over `records` in batches of `batch`.
+fn pass(
+    stage: &mut dyn Stage,
+    records: &[Record],
+    batch: usize,
+    state: &mut StateTxn<'_>,
+) -> Result<f64> {
+    let batches: Vec<Vec<Record>> = records.chunks(batch).map(<[Record]>::to_vec).collect();
+    let mut rows = 0usize;
+    let t0 = Instant::now();
+    for b in batches {
+        let (first, last) = (b[0].origin.offset, b[b.len() - 1].origin.offset);
+        let out = stage.process(b, &ctx(first, last), state)?;
+        rows += out.records.len();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if rows != records.len() {
+        bail!(
+            "{}: {rows} rows from {} records",
+            stage.name(),
+            records.len()
+        );
+    }
+    Ok(secs)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WasmCost {
+    pub batch: usize,
+    pub records: usize,
+    pub native_us_per_record: f64,
+    pub wasm_us_per_record: f64,
+}
+
+impl WasmCost {
+    pub fn ratio(&self) -> f64 {
+        self.wasm_us_per_record / self.native_us_per_record.max(1e-12)
+    }
+}
+
+pub fn wasm_stage(plugin_path: &Path, cache_dir: &Path) -> Result<WasmStage> {
+    let runtime = PluginRuntime::new(Some(cache_dir.to_path_buf()))?;
+    let plugin = runtime.load_file(plugin_path)?;
+    Ok(WasmStage::new(
+        "bench",
+        "enrich",
+        plugin,
+        &serde_json::json!({"version": "v1"}),
+        PluginLimits::default(),
+    )?)
+}
+
+/// Native vs WASM on the same records, for each batch size: best of `reps` passes after a
+/// warm-up pass (interleaved, so background noise hits both alike).
+pub fn measure(
+    plugin_path: &Path,
+    cache_dir: &Path,
+    events: &[BenchEvent],
+    batches: &[usize],
+    reps: usize,
+) -> Result<Vec<WasmCost>> {
+    let recs = records(events);
+    let (_dir, store) = scratch_state()?;
+    let mut st = store.txn();
+    let mut native = NativeEnrich::new()?;
+    let mut wasm = wasm_stage(plugin_path, cache_dir)?;
+    check_same_output(
+        &mut native,
+        &mut wasm,
+        &recs[..recs.len().min(2000)],
+        &mut st,
+    )?;
+    let mut out = Vec::new();
+    for &batch in batches {
+        pass(&mut native, &recs, batch, &mut st)?;
+        pass(&mut wasm, &recs, batch, &mut st)?;
+        let (mut best_n, mut best_w) = (f64::MAX, f64::MAX);
+        for _ in 0..reps {
+            best_n = best_n.min(pass(&mut native, &recs, batch, &mut st)?);
+            best_w = best_w.min(pass(&mut wasm, &recs, batch, &mut st)?);
+        }
+        let n = recs.len() as f64;
+        out.push(WasmCost {
+            batch,
+            records: recs.len(),
+            native_us_per_record: best_n * 1e6 / n,
+            wasm_us_per_record: best_w * 1e6 / n,
+        });
+    }
+    Ok(out)
+}
+
+/// Both stages must produce the same rows, or the comparison is meaningless.
+fn check_same_output(
+    native: &mut dyn Stage,
+    wasm: &mut dyn Stage,
+    recs: &[Record],
+    state: &mut StateTxn<'_>,
+) -> Result<()> {
+    let c = ctx(0, recs.len() as i64 - 1);
+    let a = native.process(recs.to_vec(), &c, state)?;
+    let b = wasm.process(recs.to_vec(), &c, state)?;
+    if a.records.len() != b.records.len()
+        || !a.dead_letters.is_empty()
+        || !b.dead_letters.is_empty()
+    {
+        bail!(
+            "native and WASM disagree: {} / {} rows, {} / {} dead letters",
+            a.records.len(),
+            b.records.len(),
+            a.dead_letters.len(),
+            b.dead_letters.len()
+        );
+    }
+    for (x, y) in a.records.iter().zip(&b.records) {
+        let vx: serde_json::Value = serde_json::from_slice(&x.value)?;
+        let vy: serde_json::Value = serde_json::from_slice(&y.value)?;
+        if vx != vy {
+            bail!("native and WASM rows differ:\n{vx}\n{vy}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginTimes {
+    pub wasm_bytes: u64,
+    /// Compiling the component (Cranelift), no cache: median of 3.
+    pub compile_ms: f64,
+    /// Loading the precompiled artifact from the cache dir (read, checksum, deserialize,
+    /// type-check against the world), fresh runtime each time: median of 5.
+    pub load_cached_ms: f64,
+    /// A new sandboxed instance with `init(config)` called: median and max of 50.
+    pub instantiate_median_us: f64,
+    pub instantiate_max_us: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub fn plugin_times(plugin_path: &Path, cache_dir: &Path) -> Result<PluginTimes> {
+    let wasm_bytes = std::fs::metadata(plugin_path)
+        .with_context(|| format!("{}", plugin_path.display()))?
+        .len();
+    let mut compile = Vec::new();
+    for _ in 0..3 {
+        let rt = PluginRuntime::new(None)?;
+        let t0 = Instant::now();
+        rt.load_file(plugin_path)?;
+        compile.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    if cache_dir.exists() {
+        std::fs::remove_dir_all(cache_dir)?;
+    }
+    // Fills the cache.
+    PluginRuntime::new(Some(cache_dir.to_path_buf()))?.load_file(plugin_path)?;
+    let mut load = Vec::new();
+    let mut plugin = None;
+    for _ in 0..5 {
+        let rt = PluginRuntime::new(Some(cache_dir.to_path_buf()))?;
+        let t0 = Instant::now();
+        let p = rt.load_file(plugin_path)?;
+        load.push(t0.elapsed().as_secs_f64() * 1e3);
+        plugin = Some((rt, p));
+    }
+    let Some((_rt, plugin)) = plugin else {
+        bail!("no plugin loaded");
+    };
+    let labels = Arc::new(LogLabels {
+        pipeline: "bench".into(),
+        stage: "enrich".into(),
+        plugin: plugin.id(),
+    });
+    let mut inst = Vec::new();
+    for _ in 0..50 {
+        let t0 = Instant::now();
+        let i = plugin.instantiate(
+            CONFIG,
+            &PluginLimits::default(),
+            &WasiGrants::default(),
+            labels.clone(),
+        )?;
+        inst.push(t0.elapsed().as_secs_f64() * 1e6);
+        drop(i);
+    }
+    let max = inst.iter().copied().fold(0.0, f64::max);
+    Ok(PluginTimes {
+        wasm_bytes,
+        compile_ms: median(compile),
+        load_cached_ms: median(load),
+        instantiate_median_us: median(inst),
+        instantiate_max_us: max,
+    })
+}
