@@ -4,6 +4,7 @@
 #   0. scripts/install-deps.sh (idempotent; a fresh machine gets everything it needs)
 #   1. cargo fmt --check
 #   2. cargo clippy (release profile, all targets, warnings are errors), build the sluice binary
+#      and the non-Rust plugins (plugins/build-all.sh)
 #   3. local ClickHouse + noida-db broker, then cargo test --release --workspace against them
 #   4. a tansu broker, then the core end-to-end tests (names containing `e2e_`) against it, so no
 #      quirk of one Kafka emulator passes for correct behaviour
@@ -123,6 +124,9 @@ step clippy cargo clippy --release --workspace --all-targets -- -D warnings
 # The end-to-end tests run the real binary (target/release/sluice), which `cargo test` does not
 # build for another package's tests.
 step build cargo build --release -p sluice
+# The reference plugin in C, Python, JavaScript and Go for the conformance tests (toolchains
+# are installed on first use and cached; a no-op when nothing changed).
+step plugins plugins/build-all.sh
 
 step services start_main_services
 ch_ok=0
