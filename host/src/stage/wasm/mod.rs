@@ -267,6 +267,31 @@ impl Stage for WasmStage {
         ctx: &BatchContext,
         _state: &mut StateTxn<'_>,
     ) -> Result<StageOutput, StageError> {
+        // The time limit applies per call: slower guests (Python, JS, Go) would time out on a
+        // whole 100k-record batch, so large batches are handed over in chunks.
+        if batch.len() <= MAX_RECORDS_PER_CALL {
+            return self.process_chunk(&batch, ctx);
+        }
+        let mut out = StageOutput::default();
+        for chunk in batch.chunks(MAX_RECORDS_PER_CALL) {
+            let o = self.process_chunk(chunk, ctx)?;
+            out.records.extend(o.records);
+            out.dead_letters.extend(o.dead_letters);
+            out.counters.extend(o.counters);
+        }
+        Ok(out)
+    }
+}
+
+/// Records handed to the plugin in one `process` call (the batch is split beyond this).
+pub const MAX_RECORDS_PER_CALL: usize = 4096;
+
+impl WasmStage {
+    fn process_chunk(
+        &mut self,
+        batch: &[Record],
+        ctx: &BatchContext,
+    ) -> Result<StageOutput, StageError> {
         if batch.is_empty() {
             return Ok(StageOutput::default());
         }
@@ -274,7 +299,7 @@ impl Stage for WasmStage {
         let failure = match self.call(&inputs) {
             Ok(result) => {
                 let mut out = StageOutput::default();
-                match self.collect(&batch, result, &mut out) {
+                match self.collect(batch, result, &mut out) {
                     Ok(()) => {
                         self.consecutive_failures = 0;
                         return Ok(out);
@@ -294,7 +319,7 @@ impl Stage for WasmStage {
         let n = batch.len();
         let mut budget = 8 + 2 * (usize::BITS - n.leading_zeros());
         let full_budget = budget;
-        self.bisect(&batch, &inputs, ctx, &mut out, &mut budget)?;
+        self.bisect(batch, &inputs, ctx, &mut out, &mut budget)?;
         // Records the plugin failed on (not the per-record errors it returned as data).
         let isolated = out
             .dead_letters
