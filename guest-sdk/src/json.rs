@@ -119,7 +119,7 @@ pub fn get_fixed_point(value: &Value, pointer: &str, scale: u32) -> Result<i64, 
 }
 
 /// Parses `[+-]digits[.digits][(e|E)[+-]digits]` into `10^-scale` units.
-fn parse_fixed_point(text: &str, scale: u32) -> Option<i64> {
+pub(crate) fn parse_fixed_point(text: &str, scale: u32) -> Option<i64> {
     let (negative, rest) = match text.as_bytes().first()? {
         b'-' => (true, &text[1..]),
         b'+' => (false, &text[1..]),

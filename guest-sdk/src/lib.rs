@@ -48,6 +48,7 @@ mod config;
 mod error;
 pub mod json;
 pub mod log;
+mod object;
 mod output;
 mod record;
 mod runtime;
@@ -56,6 +57,7 @@ pub mod timestamp;
 
 pub use config::Config;
 pub use error::{ErrorKind, RecordError};
+pub use object::{JsonObject, RowWriter};
 pub use output::{Output, Row};
 pub use record::{Header, Record, Source};
 
@@ -81,7 +83,10 @@ pub trait Transform: Sized + 'static {
 
 /// What a plugin file usually needs: `use sluice_guest::prelude::*;`.
 pub mod prelude {
-    pub use crate::{json, log, Config, ErrorKind, Output, Record, RecordError, Row, Transform};
+    pub use crate::{
+        json, log, Config, ErrorKind, JsonObject, Output, Record, RecordError, Row, RowWriter,
+        Transform,
+    };
 }
 
 /// Exports a [`Transform`] implementation as the plugin's `sluice:plugin/transform`

@@ -31,6 +31,16 @@ impl Row {
         }
     }
 
+    /// A row from JSON bytes known to be one object (built by [`crate::RowWriter`]).
+    pub(crate) fn from_object_bytes(bytes: Vec<u8>) -> Self {
+        Row {
+            table: None,
+            key: None,
+            value: Ok(bytes),
+            headers: Vec::new(),
+        }
+    }
+
     /// Sends this row to `table` instead of the pipeline's default table.
     pub fn for_table(mut self, table: impl Into<String>) -> Self {
         self.table = Some(table.into());

@@ -2,7 +2,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::__private::bindings::sluice::plugin::types as wire;
-use crate::RecordError;
+use crate::{JsonObject, RecordError};
 
 /// A Kafka record header. Values are raw bytes, as in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +91,13 @@ impl Record {
     /// `T` (missing field, wrong type) a `schema` error.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, RecordError> {
         Ok(serde_json::from_slice(&self.value)?)
+    }
+
+    /// The payload's top-level fields, each value kept as raw JSON text borrowed from the
+    /// payload: a `parse` error if it is not JSON, a `schema` error if it is not an object.
+    /// Much cheaper than [`Self::json_value`]; see [`JsonObject`].
+    pub fn json_fields(&self) -> Result<JsonObject<'_>, RecordError> {
+        JsonObject::from_slice(&self.value)
     }
 
     /// The payload as a JSON value; a `parse` error if it is not JSON.

@@ -49,36 +49,45 @@ pub(crate) fn process_batch<T: Transform>(
     // A component-model list holds at most u32::MAX elements, so indices fit.
     for (input, record) in (0_u32..).zip(batch) {
         let record = Record::from(record);
-        match plugin
+        let result = plugin
             .transform(&record)
-            .and_then(|output| encode(input, output))
-        {
-            Ok(rows) => outputs.extend(rows),
-            Err(err) => errors.push(wire::RecordError {
+            .and_then(|output| encode(input, output, &mut outputs));
+        if let Err(err) = result {
+            errors.push(wire::RecordError {
                 input,
                 kind: wire_kind(err.kind),
                 message: err.message,
-            }),
+            });
         }
     }
     wire::BatchResult { outputs, errors }
 }
 
-/// All of an input's rows, or the first reason one of them cannot be sent.
-fn encode(input: u32, output: Output) -> Result<Vec<wire::OutputRecord>, RecordError> {
-    output
-        .rows
-        .into_iter()
-        .map(|row| {
-            Ok(wire::OutputRecord {
-                input,
-                table: row.table,
-                key: row.key,
-                value: row.value.map_err(RecordError::other)?,
-                headers: row.headers.into_iter().map(wire::Header::from).collect(),
-            })
-        })
-        .collect()
+/// Appends all of an input's rows to `outputs`, or none of them and the first reason one
+/// cannot be sent.
+fn encode(
+    input: u32,
+    output: Output,
+    outputs: &mut Vec<wire::OutputRecord>,
+) -> Result<(), RecordError> {
+    let start = outputs.len();
+    for row in output.rows {
+        let value = match row.value {
+            Ok(value) => value,
+            Err(message) => {
+                outputs.truncate(start);
+                return Err(RecordError::other(message));
+            }
+        };
+        outputs.push(wire::OutputRecord {
+            input,
+            table: row.table,
+            key: row.key,
+            value,
+            headers: row.headers.into_iter().map(wire::Header::from).collect(),
+        });
+    }
+    Ok(())
 }
 
 fn wire_kind(kind: ErrorKind) -> wire::ErrorKind {

@@ -84,8 +84,22 @@ impl Timestamp {
 
     /// The UTC calendar date, `YYYY-MM-DD`.
     pub fn date(self) -> String {
-        let (y, m, d) = civil_from_days(self.millis.div_euclid(MS_PER_DAY));
-        format!("{y:04}-{m:02}-{d:02}")
+        self.date_display().to_string()
+    }
+
+    /// The UTC calendar date as `Display` (`YYYY-MM-DD`), to write it without a `String`
+    /// (e.g. with [`crate::RowWriter::display`]).
+    pub fn date_display(self) -> impl fmt::Display {
+        DateText(self.millis)
+    }
+}
+
+struct DateText(i64);
+
+impl fmt::Display for DateText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (y, m, d) = civil_from_days(self.0.div_euclid(MS_PER_DAY));
+        write!(f, "{y:04}-{m:02}-{d:02}")
     }
 }
 

@@ -6,6 +6,9 @@ use crate::config::BatchConfig;
 use crate::record::Record;
 use crate::stage::PartitionKey;
 
+/// Row limit of a partition's first batch under [`Accumulator::ramp`].
+pub const FIRST_BATCH_ROWS: usize = 1024;
+
 /// A batch ready for the worker: one partition, a fixed offset range.
 pub struct SealedBatch {
     pub partition: PartitionKey,
@@ -19,14 +22,33 @@ pub struct Accumulator {
     records: Vec<Record>,
     bytes: usize,
     opened: Instant,
+    /// At most this many rows, below the config's `max_rows` while ramping up.
+    row_limit: usize,
 }
 
 impl Accumulator {
+    /// An accumulator bounded by the config alone.
+    #[cfg(test)]
     pub fn new() -> Self {
+        Self::with_row_limit(usize::MAX)
+    }
+
+    /// The accumulator for a partition's `nth` batch since it was assigned (0 = the first).
+    ///
+    /// With a backlog, a full batch of `max_rows` (100,000 by default) takes ~1 s of
+    /// processing before its insert, and nothing is visible until then. Ramping the limit
+    /// from [`FIRST_BATCH_ROWS`], doubling per batch up to `max_rows`, makes the first rows
+    /// visible after ~1,000 records' worth of work and costs only a few extra small batches.
+    pub fn ramp(nth: u32) -> Self {
+        Self::with_row_limit(FIRST_BATCH_ROWS.saturating_mul(1 << nth.min(24)))
+    }
+
+    fn with_row_limit(row_limit: usize) -> Self {
         Self {
             records: Vec::new(),
             bytes: 0,
             opened: Instant::now(),
+            row_limit,
         }
     }
 
@@ -39,7 +61,7 @@ impl Accumulator {
     }
 
     pub fn is_full(&self, cfg: &BatchConfig) -> bool {
-        self.records.len() >= cfg.max_rows || self.bytes >= cfg.max_bytes
+        self.records.len() >= cfg.max_rows.min(self.row_limit) || self.bytes >= cfg.max_bytes
     }
 
     pub fn is_aged(&self, cfg: &BatchConfig) -> bool {
@@ -55,5 +77,59 @@ impl Accumulator {
             last,
             records: self.records,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic in a test is a failure with a backtrace
+mod tests {
+    use super::*;
+    use crate::record::Origin;
+    use std::sync::Arc;
+
+    fn record(offset: i64) -> Record {
+        Record::from_origin(Arc::new(Origin {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset,
+            timestamp_ms: None,
+            key: None,
+            value: bytes::Bytes::from_static(b"{}"),
+            headers: Vec::new(),
+        }))
+    }
+
+    fn rows_until_full(mut acc: Accumulator, cfg: &BatchConfig) -> usize {
+        let mut n = 0;
+        while !acc.is_full(cfg) {
+            acc.push(record(n as i64));
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn ramp_doubles_up_to_max_rows() {
+        let cfg = BatchConfig {
+            max_rows: 5000,
+            ..BatchConfig::default()
+        };
+        let limits: Vec<usize> = (0..5)
+            .map(|nth| rows_until_full(Accumulator::ramp(nth), &cfg))
+            .collect();
+        assert_eq!(limits, [1024, 2048, 4096, 5000, 5000]);
+        assert_eq!(rows_until_full(Accumulator::ramp(u32::MAX), &cfg), 5000);
+        assert_eq!(rows_until_full(Accumulator::new(), &cfg), 5000);
+        let sealed = {
+            let mut acc = Accumulator::new();
+            acc.push(record(7));
+            acc.push(record(9));
+            acc.seal(&PartitionKey {
+                topic: "t".into(),
+                partition: 0,
+            })
+            .unwrap()
+        };
+        assert_eq!((sealed.first, sealed.last, sealed.records.len()), (7, 9, 2));
     }
 }

@@ -64,11 +64,13 @@
 //! This is the per-row hot path: encoding appends to the caller's buffer and allocates nothing
 //! unless the row fails (numbers are formatted into a stack buffer when their text is needed).
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt::{self, Write as _};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use serde::de;
 use serde_json::{Map, Number, Value};
 
 use super::types::{Column, ColumnType, TableSchema, TupleElement};
@@ -109,6 +111,20 @@ fn quoted_list(items: &[String]) -> String {
         .map(|f| format!("{f:?}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Why a row given as JSON bytes ([`RowEncoder::encode_json`]) was not encoded. The row is
+/// skipped; nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum JsonRowError {
+    /// The bytes are not one JSON value (the parser's message says where).
+    #[error("not valid JSON: {0}")]
+    Syntax(serde_json::Error),
+    /// Valid JSON of another kind (`"array"`, `"string"`, ...).
+    #[error("a JSON {0}, not an object")]
+    NotAnObject(&'static str),
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
 }
 
 /// Encodes JSON objects as RowBinaryWithDefaults rows for one table.
@@ -159,30 +175,66 @@ impl RowEncoder {
         self.columns.iter().map(|c| c.name.as_str())
     }
 
-    /// Appends one row to `out`. On error `out` is left exactly as it was.
+    /// Appends one row, given as the bytes of a JSON object, to `out`. On error `out` is left
+    /// exactly as it was.
+    ///
+    /// This is the sink's hot path: the object is read in one pass with serde_json's parser,
+    /// each top-level field lands in its column's slot (strings borrowed from `json` unless
+    /// they contain escapes), and only array/object values of a field that is a column are
+    /// built as `Value`s. Fields that are not columns are skipped without being built. The
+    /// result is the same as parsing `json` into a `Value` and calling [`Self::encode_row`]
+    /// (duplicate keys: the last one wins), for a fraction of the cost.
+    pub fn encode_json(&self, json: &[u8], out: &mut Vec<u8>) -> Result<(), JsonRowError> {
+        let mut slots: Vec<Option<Field<'_>>> = Vec::new();
+        slots.resize_with(self.columns.len(), || None);
+        let mut unknown = Vec::new();
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let shape = de::Deserializer::deserialize_any(
+            &mut de,
+            RowVisitor {
+                encoder: self,
+                slots: &mut slots,
+                unknown: &mut unknown,
+            },
+        )
+        .map_err(JsonRowError::Syntax)?;
+        de.end().map_err(JsonRowError::Syntax)?;
+        if let Shape::Other(kind) = shape {
+            return Err(JsonRowError::NotAnObject(kind));
+        }
+        let start = out.len();
+        self.encode_columns(|i| slots[i].as_ref().map(Field::as_json), out)?;
+        // Only filled with `UnknownFields::Reject`.
+        if !unknown.is_empty() {
+            out.truncate(start);
+            // Sorted and deduplicated, as the keys of a parsed `Map` would be.
+            unknown.sort_unstable();
+            unknown.dedup();
+            return Err(JsonRowError::Encode(EncodeError::UnknownFields {
+                table: self.table.clone(),
+                fields: unknown,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Appends one row, given as a parsed JSON object, to `out`. On error `out` is left
+    /// exactly as it was. [`Self::encode_json`] does the same from the JSON bytes, faster.
     pub fn encode_row(
         &self,
         row: &Map<String, Value>,
         out: &mut Vec<u8>,
     ) -> Result<(), EncodeError> {
         let start = out.len();
-        let mut present = 0usize;
-        for col in &self.columns {
-            let Some(v) = row.get(col.name.as_str()) else {
-                out.push(1);
-                continue;
-            };
-            present += 1;
-            if v.is_null() && !col.nullable {
-                out.push(1);
-                continue;
-            }
-            out.push(0);
-            if let Err(fail) = self.enc(&col.ty, Json::from(v), out) {
-                out.truncate(start);
-                return Err(fail.into_error(col));
-            }
-        }
+        self.encode_columns(
+            |i| row.get(self.columns[i].name.as_str()).map(Json::from),
+            out,
+        )?;
+        let present = self
+            .columns
+            .iter()
+            .filter(|c| row.contains_key(c.name.as_str()))
+            .count();
         if present < row.len() && self.unknown_fields == UnknownFields::Reject {
             out.truncate(start);
             let fields = row
@@ -198,14 +250,60 @@ impl RowEncoder {
         Ok(())
     }
 
-    /// [`Self::encode_row`] for a `Value`, which must be an object.
-    pub fn encode_value(&self, row: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        match row {
-            Value::Object(map) => self.encode_row(map, out),
-            other => Err(EncodeError::NotAnObject {
-                value: Json::from(other).render(),
-            }),
+    /// Writes every column in table order; `value(i)` is column `i`'s JSON value, `None` when
+    /// the row does not have it. On error `out` is left exactly as it was.
+    fn encode_columns<'v>(
+        &self,
+        value: impl Fn(usize) -> Option<Json<'v>>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        let start = out.len();
+        for (i, col) in self.columns.iter().enumerate() {
+            let Some(v) = value(i) else {
+                out.push(1);
+                continue;
+            };
+            if matches!(v, Json::Null) && !col.nullable {
+                out.push(1);
+                continue;
+            }
+            out.push(0);
+            if let Err(fail) = self.enc(&col.ty, v, out) {
+                out.truncate(start);
+                return Err(fail.into_error(col));
+            }
         }
+        Ok(())
+    }
+
+    /// [`Self::encode_row`] for a `Value`, which must be an object. It goes through the JSON
+    /// text and [`Self::encode_json`], so that tests of this method cover the sink's path.
+    pub fn encode_value(&self, row: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let Value::Object(map) = row else {
+            return Err(EncodeError::NotAnObject {
+                value: Json::from(row).render(),
+            });
+        };
+        match serde_json::to_vec(row).map(|text| self.encode_json(&text, out)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(JsonRowError::Encode(e))) => Err(e),
+            // A serialised object always reads back as one; should it not, the tree path
+            // still gives the answer.
+            Ok(Err(_)) | Err(_) => self.encode_row(map, out),
+        }
+    }
+
+    /// The index of the column named `key`. Rows of one table usually list their fields in
+    /// the same order, so the search starts after the column found last (`hint`): one string
+    /// comparison per field in the common case instead of a hash or a scan.
+    fn column_index(&self, key: &str, hint: &mut usize) -> Option<usize> {
+        let n = self.columns.len();
+        let from = (*hint).min(n);
+        let found = (from..n)
+            .chain(0..from)
+            .find(|&i| self.columns[i].name == key)?;
+        *hint = found + 1;
+        Some(found)
     }
 
     fn enc(&self, ty: &ColumnType, v: Json<'_>, out: &mut Vec<u8>) -> Step {
@@ -556,6 +654,199 @@ impl<'a> From<&'a Value> for Json<'a> {
             Value::Array(a) => Json::Arr(a),
             Value::Object(o) => Json::Obj(o),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading a row's JSON bytes in one pass (`RowEncoder::encode_json`).
+
+/// A top-level field's value: scalars without a tree, strings borrowed unless escaped.
+enum Field<'de> {
+    Null,
+    Bool(bool),
+    Num(Number),
+    Str(Cow<'de, str>),
+    /// Arrays and objects, for the columns that take them (Array, Map, Tuple, String).
+    Tree(Value),
+}
+
+impl Field<'_> {
+    fn as_json(&self) -> Json<'_> {
+        match self {
+            Field::Null => Json::Null,
+            Field::Bool(b) => Json::Bool(*b),
+            Field::Num(n) => Json::Num(n),
+            Field::Str(s) => Json::Str(s),
+            Field::Tree(v) => Json::from(v),
+        }
+    }
+}
+
+/// What the top-level value turned out to be.
+enum Shape {
+    Object,
+    Other(&'static str),
+}
+
+struct RowVisitor<'a, 'de> {
+    encoder: &'a RowEncoder,
+    slots: &'a mut [Option<Field<'de>>],
+    /// Names of fields that are not columns, collected only to reject them.
+    unknown: &'a mut Vec<String>,
+}
+
+impl<'de> de::Visitor<'de> for RowVisitor<'_, 'de> {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut hint = 0;
+        let reject = self.encoder.unknown_fields == UnknownFields::Reject;
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            match self.encoder.column_index(&key, &mut hint) {
+                // A repeated key: the last one wins, as in a parsed `Map`.
+                Some(i) => self.slots[i] = Some(map.next_value_seed(FieldSeed)?),
+                None => {
+                    map.next_value::<de::IgnoredAny>()?;
+                    if reject {
+                        self.unknown.push(key.into_owned());
+                    }
+                }
+            }
+        }
+        Ok(Shape::Object)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        // Read to the end so that a syntax error later in the text is still reported as one.
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(Shape::Other("array"))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Shape, E> {
+        Ok(Shape::Other("null"))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Other("boolean"))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape::Other("number"))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::Other("number"))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Other("number"))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape::Other("string"))
+    }
+}
+
+/// An object key, borrowed from the input unless it contains escapes.
+struct KeySeed;
+
+impl<'de> de::DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(CowStr)
+    }
+}
+
+struct CowStr;
+
+impl<'de> de::Visitor<'de> for CowStr {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(s))
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s))
+    }
+}
+
+/// A field value, read the way `Value` reads it (same numbers) but without a tree for scalars.
+struct FieldSeed;
+
+impl<'de> de::DeserializeSeed<'de> for FieldSeed {
+    type Value = Field<'de>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(FieldVisitor)
+    }
+}
+
+struct FieldVisitor;
+
+impl<'de> de::Visitor<'de> for FieldVisitor {
+    type Value = Field<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Field::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Field::Null)
+    }
+
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(Field::Bool(b))
+    }
+
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(Field::Num(n.into()))
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(Field::Num(n.into()))
+    }
+
+    fn visit_f64<E: de::Error>(self, x: f64) -> Result<Self::Value, E> {
+        // As `Value` does: a non-finite float (which serde_json never produces) is null.
+        Ok(Number::from_f64(x).map_or(Field::Null, Field::Num))
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(Field::Str(Cow::Borrowed(s)))
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Field::Str(Cow::Owned(s.to_owned())))
+    }
+
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Self::Value, E> {
+        Ok(Field::Str(Cow::Owned(s)))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        de::Deserialize::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Field::Tree)
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        de::Deserialize::deserialize(de::value::MapAccessDeserializer::new(map)).map(Field::Tree)
     }
 }
 
@@ -1375,12 +1666,34 @@ mod tests {
         RowEncoder::new(&schema, policy)
     }
 
+    /// `encode_value` (through the JSON text, the sink's path), after checking that the tree
+    /// path (`encode_row`) gives the same bytes or the same error.
+    fn encode_both(enc: &RowEncoder, row: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let mut tree = out.clone();
+        let by_tree = match row {
+            Value::Object(map) => enc.encode_row(map, &mut tree),
+            _ => Err(EncodeError::NotAnObject {
+                value: String::new(),
+            }),
+        };
+        let by_text = enc.encode_value(row, out);
+        if let (Ok(()), Ok(())) = (&by_tree, &by_text) {
+            assert_eq!(&tree, out, "{row}: the two paths wrote different bytes");
+        } else if row.is_object() {
+            assert_eq!(
+                by_tree.as_ref().map_err(ToString::to_string),
+                by_text.as_ref().map_err(ToString::to_string),
+                "{row}: the two paths disagree"
+            );
+        }
+        by_text
+    }
+
     /// The value bytes of `v` in a single column of type `ty` (after the 0 flag byte).
     fn ok(ty: &str, v: Value) -> Vec<u8> {
         let enc = encoder(&[("c", ty, "")]);
         let mut out = Vec::new();
-        enc.encode_value(&json!({ "c": v }), &mut out)
-            .unwrap_or_else(|e| panic!("{ty} {v}: {e}"));
+        encode_both(&enc, &json!({ "c": v }), &mut out).unwrap_or_else(|e| panic!("{ty} {v}: {e}"));
         assert_eq!(out[0], 0, "{ty} {v}: default flag set");
         out.remove(0);
         out
@@ -1389,8 +1702,7 @@ mod tests {
     fn err(ty: &str, v: Value) -> String {
         let enc = encoder(&[("c", ty, "")]);
         let mut out = vec![0xAA];
-        let e = enc
-            .encode_value(&json!({ "c": v }), &mut out)
+        let e = encode_both(&enc, &json!({ "c": v }), &mut out)
             .expect_err(&format!("{ty} {v} should fail"));
         assert_eq!(out, [0xAA], "output not restored");
         e.to_string()
@@ -2098,5 +2410,57 @@ mod tests {
             enc(u64::MAX),
             [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1]
         );
+    }
+
+    #[test]
+    fn json_bytes_path() {
+        let enc = encoder_with(
+            &[
+                ("a", "UInt8", ""),
+                ("s", "String", ""),
+                ("t", "Array(UInt8)", ""),
+            ],
+            UnknownFields::Reject,
+        );
+        let encode = |text: &str| {
+            let mut out = vec![0xAA];
+            let r = enc.encode_json(text.as_bytes(), &mut out);
+            (r.map_err(|e| e.to_string()), out)
+        };
+        // Fields in any order, escapes in keys and strings, the last of repeated keys wins.
+        let (r, out) = encode(r#"{"t":[1,2],"s":"x\"y","a":1,"a":2}"#);
+        assert_eq!(r, Ok(()));
+        assert_eq!(out, [0xAA, 0, 2, 0, 3, b'x', b'"', b'y', 0, 2, 1, 2]);
+        let (r, out) = encode(r#" {"\u0061": 7} "#);
+        assert_eq!(r, Ok(()));
+        assert_eq!(out, [0xAA, 0, 7, 1, 1]);
+        // Objects in a String column are kept as their compact text.
+        let (r, out) = encode(r#"{"s": {"k": [1, null]}}"#);
+        assert_eq!(r, Ok(()));
+        assert_eq!(&out[..4], [0xAA, 1, 0, 14]);
+        assert_eq!(&out[4..18], br#"{"k":[1,null]}"#);
+
+        for (text, needle) in [
+            (r#"{"a": 1"#, "not valid JSON: EOF while parsing an object"),
+            (r#"{"a": 1} x"#, "not valid JSON: trailing characters"),
+            (r#"{"x": [1, }"#, "not valid JSON"),
+            ("[1, 2]", "a JSON array, not an object"),
+            ("[1, 2", "not valid JSON"),
+            ("\"x\"", "a JSON string, not an object"),
+            ("null", "a JSON null, not an object"),
+            (r#"{"a": 256}"#, "out of range for UInt8"),
+            (
+                r#"{"a": 1, "y": 1, "x": {"z": 2}, "y": 3}"#,
+                r#"fields not in table db.t: "x", "y""#,
+            ),
+        ] {
+            let (r, out) = encode(text);
+            let e = r.expect_err(text);
+            assert!(e.contains(needle), "{text}: {e}");
+            assert_eq!(out, [0xAA], "{text}: output not restored");
+        }
+        let mut out = Vec::new();
+        let bad_utf8 = enc.encode_json(b"{\"s\": \"\xff\"}", &mut out).unwrap_err();
+        assert!(matches!(bad_utf8, JsonRowError::Syntax(_)), "{bad_utf8}");
     }
 }

@@ -4,24 +4,31 @@
 use sluice_guest::prelude::*;
 
 struct Plugin {
+    /// The text written to `greeting`, built once.
     greeting: String,
 }
 
 impl Transform for Plugin {
     fn init(config: Config) -> Result<Self, String> {
         let greeting = match config.value().get("greeting") {
-            None => "hello".to_string(),
-            Some(v) => v.as_str().ok_or("config: `greeting` must be a string")?.to_string(),
+            None => "hello",
+            Some(v) => v.as_str().ok_or("config: `greeting` must be a string")?,
         };
-        Ok(Plugin { greeting })
+        Ok(Plugin {
+            greeting: format!("{greeting} from {{name}}"),
+        })
     }
 
     fn transform(&self, record: &Record) -> Result<Output, RecordError> {
         // Not JSON: a `parse` error; JSON but not an object: a `schema` error. Either way the
         // record goes to the dead-letter topic and the batch goes on.
-        let mut row = record.json_object()?;
-        row.insert("greeting".into(), format!("{} from {{name}}", self.greeting).into());
-        Ok(Output::row(row))
+        // `json_fields` reads the fields without building a tree, and `RowWriter` copies them
+        // through as text: several times cheaper than `json_object()` + `Output::row`.
+        let event = record.json_fields()?;
+        let mut row = RowWriter::for_input(record);
+        row.copy_fields(&event, &["greeting"])
+            .str("greeting", &self.greeting);
+        Ok(Output::from(row.finish()))
     }
 }
 

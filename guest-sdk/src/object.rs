@@ -1,0 +1,761 @@
+//! The fast way through a record: read the top-level fields of a JSON object without building
+//! a tree ([`JsonObject`]), and write the output row's JSON directly ([`RowWriter`]).
+//!
+//! `record.json_value()` builds a `serde_json::Value` (a map, a `String` per key and string
+//! value), and `Output::row(value)` serialises it again: for a ~200-byte event that is most of
+//! a plugin's cost. [`JsonObject`] keeps each field's value as its raw JSON text borrowed from
+//! the record and converts only the fields asked for; [`RowWriter`] copies fields through as
+//! text and appends new ones.
+//!
+//! ```
+//! use sluice_guest::prelude::*;
+//!
+//! struct Tag;
+//!
+//! impl Transform for Tag {
+//!     fn init(_config: Config) -> Result<Self, String> {
+//!         Ok(Tag)
+//!     }
+//!
+//!     fn transform(&self, record: &Record) -> Result<Output, RecordError> {
+//!         let event = record.json_fields()?; // not JSON -> `parse`, not an object -> `schema`
+//!         let name = event.str("name")?; // missing, null or not a string -> `schema`
+//!         let mut row = RowWriter::for_input(record);
+//!         row.copy_fields(&event, &["name_upper"]); // every input field but this one
+//!         row.str("name_upper", &name.to_uppercase());
+//!         Ok(Output::from(row.finish()))
+//!     }
+//! }
+//! # let out = sluice_guest::testing::run_batch::<Tag>("{}", &[Record::new(r#"{"name":"a"}"#)]);
+//! # assert_eq!(out.unwrap().outputs[0].value, serde_json::json!({"name": "a", "name_upper": "A"}));
+//! ```
+//!
+//! Getters take a top-level field name (not a JSON pointer) and fail with the same `schema`
+//! errors as the [`crate::json`] getters (`field /name: expected a string, found number`).
+//! Nested values are reached with [`JsonObject::value`] (a `Value`) or [`JsonObject::parse`]
+//! (any `Deserialize` type).
+//!
+//! A key that appears twice in the input: getters see the last occurrence, as a parsed
+//! `Value` would; [`RowWriter::copy_fields`] copies both, and readers of the row (the host's
+//! ClickHouse encoder, `serde_json`) take the last one.
+
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
+
+use serde::de::{self, DeserializeOwned};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::json::parse_fixed_point;
+use crate::timestamp::{EpochUnit, Timestamp};
+use crate::{Record, RecordError, Row};
+
+/// The top-level fields of a JSON object, each value kept as its raw JSON text.
+#[derive(Debug, Clone)]
+pub struct JsonObject<'a> {
+    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+/// The JSON type of a raw value, from its first byte (the parser has validated it).
+fn raw_type(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'"') => "string",
+        Some(b'{') => "object",
+        Some(b'[') => "array",
+        Some(b't' | b'f') => "boolean",
+        Some(b'n') => "null",
+        _ => "number",
+    }
+}
+
+fn wrong_type(name: &str, expected: &str, found: &RawValue) -> RecordError {
+    RecordError::schema(format!(
+        "field /{name}: expected {expected}, found {}",
+        raw_type(found)
+    ))
+}
+
+impl<'a> JsonObject<'a> {
+    /// Reads `json` as an object: a `parse` error if it is not JSON, a `schema` error if it is
+    /// JSON of another kind.
+    pub fn from_slice(json: &'a [u8]) -> Result<Self, RecordError> {
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let fields = de::Deserializer::deserialize_any(&mut de, ObjectVisitor)
+            .and_then(|fields| de.end().map(|()| fields))
+            .map_err(|e| RecordError::parse(format!("payload is not valid JSON: {e}")))?;
+        match fields {
+            Ok(fields) => Ok(JsonObject { fields }),
+            Err(kind) => Err(RecordError::schema(format!(
+                "payload is a JSON {kind}, expected an object"
+            ))),
+        }
+    }
+
+    /// Number of fields (a repeated key counts each time).
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// The fields in input order: name and raw JSON text.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &'a RawValue)> + '_ {
+        self.fields.iter().map(|(k, v)| (k.as_ref(), *v))
+    }
+
+    /// The raw JSON text of field `name` (its last occurrence), `null` included.
+    pub fn raw(&self, name: &str) -> Option<&'a RawValue> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+    }
+
+    /// Field `name`; missing and `null` are `schema` errors.
+    pub fn get(&self, name: &str) -> Result<&'a RawValue, RecordError> {
+        match self.raw(name) {
+            None => Err(RecordError::schema(format!("missing field /{name}"))),
+            Some(v) if v.get() == "null" => {
+                Err(RecordError::schema(format!("field /{name} is null")))
+            }
+            Some(v) => Ok(v),
+        }
+    }
+
+    /// Field `name`, or `None` when missing or `null`.
+    pub fn get_opt(&self, name: &str) -> Option<&'a RawValue> {
+        self.raw(name).filter(|v| v.get() != "null")
+    }
+
+    /// A string field, borrowed from the record unless it contains escapes.
+    pub fn str(&self, name: &str) -> Result<Cow<'a, str>, RecordError> {
+        let v = self.get(name)?;
+        raw_str(v).ok_or_else(|| wrong_type(name, "a string", v))
+    }
+
+    /// A string field, or `None` when missing, `null` or not a string.
+    pub fn str_opt(&self, name: &str) -> Option<Cow<'a, str>> {
+        self.get_opt(name).and_then(raw_str)
+    }
+
+    /// A string that is not empty (nor only whitespace).
+    pub fn non_empty_str(&self, name: &str) -> Result<Cow<'a, str>, RecordError> {
+        let s = self.str(name)?;
+        if s.trim().is_empty() {
+            return Err(RecordError::schema(format!("field /{name} is empty")));
+        }
+        Ok(s)
+    }
+
+    /// An integer that fits `i64`; `1.5` and `1.0` are refused.
+    pub fn i64(&self, name: &str) -> Result<i64, RecordError> {
+        let v = self.get(name)?;
+        v.get()
+            .parse()
+            .map_err(|_| wrong_type(name, "an integer", v))
+    }
+
+    /// A non-negative integer that fits `u64`.
+    pub fn u64(&self, name: &str) -> Result<u64, RecordError> {
+        let v = self.get(name)?;
+        v.get()
+            .parse()
+            .map_err(|_| wrong_type(name, "a non-negative integer", v))
+    }
+
+    pub fn f64(&self, name: &str) -> Result<f64, RecordError> {
+        let v = self.get(name)?;
+        if raw_type(v) != "number" {
+            return Err(wrong_type(name, "a number", v));
+        }
+        v.get().parse().map_err(|_| wrong_type(name, "a number", v))
+    }
+
+    pub fn bool(&self, name: &str) -> Result<bool, RecordError> {
+        let v = self.get(name)?;
+        match v.get() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(wrong_type(name, "a boolean", v)),
+        }
+    }
+
+    /// A decimal amount as an integer count of `10^-scale` units, as
+    /// [`crate::json::get_fixed_point`]; a JSON number is converted from its text as written.
+    pub fn fixed_point(&self, name: &str, scale: u32) -> Result<i64, RecordError> {
+        let v = self.get(name)?;
+        let text = match raw_type(v) {
+            "number" => Cow::Borrowed(v.get()),
+            "string" => match raw_str(v) {
+                Some(Cow::Borrowed(s)) => Cow::Borrowed(s.trim()),
+                Some(Cow::Owned(s)) => Cow::Owned(s.trim().to_owned()),
+                None => return Err(wrong_type(name, "a number or a numeric string", v)),
+            },
+            _ => return Err(wrong_type(name, "a number or a numeric string", v)),
+        };
+        parse_fixed_point(&text, scale).ok_or_else(|| {
+            RecordError::schema(format!(
+                "field /{name}: {text:?} is not a decimal number that fits in 64 bits at scale {scale}"
+            ))
+        })
+    }
+
+    /// A timestamp given as RFC 3339 text or as an integer epoch in `unit`, as
+    /// [`crate::json::get_timestamp`].
+    pub fn timestamp(&self, name: &str, unit: EpochUnit) -> Result<Timestamp, RecordError> {
+        let v = self.get(name)?;
+        let parsed = match raw_type(v) {
+            "string" => match raw_str(v) {
+                Some(s) => Timestamp::parse_rfc3339(&s),
+                None => return Err(wrong_type(name, "RFC 3339 text or an integer epoch", v)),
+            },
+            "number" => match v.get().parse::<i64>() {
+                Ok(epoch) => Timestamp::from_epoch(epoch, unit),
+                Err(_) => {
+                    return Err(wrong_type(name, "RFC 3339 text or an integer epoch", v));
+                }
+            },
+            _ => return Err(wrong_type(name, "RFC 3339 text or an integer epoch", v)),
+        };
+        parsed.map_err(|e| RecordError::schema(format!("field /{name}: {e}")))
+    }
+
+    /// Field `name` as a `Value` (for nested objects and arrays); missing and `null` are errors.
+    pub fn value(&self, name: &str) -> Result<Value, RecordError> {
+        self.parse(name)
+    }
+
+    /// Field `name` deserialised as `T`; a value that does not fit `T` is a `schema` error.
+    pub fn parse<T: DeserializeOwned>(&self, name: &str) -> Result<T, RecordError> {
+        let v = self.get(name)?;
+        serde_json::from_str(v.get())
+            .map_err(|e| RecordError::schema(format!("field /{name}: {e}")))
+    }
+}
+
+/// The text of a raw JSON string, borrowed when it holds no escapes.
+fn raw_str(v: &RawValue) -> Option<Cow<'_, str>> {
+    let raw = v.get();
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(raw).ok().map(Cow::Owned)
+}
+
+/// Collects an object's fields; any other JSON value is drained (so syntax errors after it
+/// still count) and reported by its type.
+struct ObjectVisitor;
+
+type Fields<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
+
+impl<'de> de::Visitor<'de> for ObjectVisitor {
+    type Value = Result<Fields<'de>, &'static str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(16));
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            let value = map.next_value::<&'de RawValue>()?;
+            if let Err(why) = value_limits(value.get()) {
+                return Err(de::Error::custom(format_args!("{why} in field {key:?}")));
+            }
+            fields.push((key, value));
+        }
+        Ok(Ok(fields))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(Err("array"))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Err("null"))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Err("boolean"))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Err("number"))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Err("number"))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Err("number"))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Err("string"))
+    }
+}
+
+/// Nesting allowed inside a top-level field: serde_json refuses a document nested 128 deep
+/// (the object itself is one level).
+const MAX_FIELD_DEPTH: usize = 126;
+
+/// Checks what capturing a raw value does not, but parsing into a `Value` does, so that the
+/// same input is a `parse` error either way: every number fits an `f64` (no `1e400`), and
+/// nesting stays within serde_json's recursion limit, and `\u` escapes are valid UTF-16 (no
+/// lone surrogates).
+fn value_limits(raw: &str) -> Result<(), &'static str> {
+    let b = raw.as_bytes();
+    // Rare: decode the value fully to have its escapes checked.
+    if raw.contains("\\u") {
+        let decoded = match b.first() {
+            Some(b'"') => serde_json::from_str::<String>(raw).map(drop),
+            _ => serde_json::from_str::<Value>(raw).map(drop),
+        };
+        if decoded.is_err() {
+            return Err("invalid escape");
+        }
+    }
+    match b.first() {
+        Some(b'"' | b't' | b'f' | b'n') | None => return Ok(()),
+        _ => {}
+    }
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_FIELD_DEPTH {
+                    return Err("recursion limit exceeded");
+                }
+                i += 1;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'"' => {
+                i += 1;
+                while i < b.len() {
+                    match b[i] {
+                        b'\\' => i += 2,
+                        b'"' => {
+                            i += 1;
+                            break;
+                        }
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let number = &raw[start..i];
+                // Only an exponent or more than 300 digits can go beyond f64's range.
+                if (number.len() > 300 || number.contains(['e', 'E']))
+                    && !number.parse::<f64>().is_ok_and(f64::is_finite)
+                {
+                    return Err("number out of range");
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(())
+}
+
+/// An object key, borrowed unless it contains escapes.
+struct KeySeed;
+
+impl<'de> de::DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl<'de> de::Visitor<'de> for KeyVisitor {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(s))
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s))
+    }
+}
+
+/// Writes one output row's JSON object field by field, straight into its bytes.
+///
+/// Keys and string values are escaped as JSON requires; the writer does not check for
+/// repeated keys (readers take the last one).
+#[derive(Debug, Clone)]
+pub struct RowWriter {
+    buf: Vec<u8>,
+}
+
+impl Default for RowWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RowWriter {
+    pub fn new() -> Self {
+        Self::with_capacity(256)
+    }
+
+    /// A writer with room for `bytes` of JSON.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(bytes.max(2));
+        buf.push(b'{');
+        RowWriter { buf }
+    }
+
+    /// A writer sized for a row derived from `record` (its payload plus room for new fields).
+    pub fn for_input(record: &Record) -> Self {
+        Self::with_capacity(record.value.len() + 192)
+    }
+
+    fn key(&mut self, key: &str) {
+        if self.buf.len() > 1 {
+            self.buf.push(b',');
+        }
+        write_json_str(&mut self.buf, key);
+        self.buf.push(b':');
+    }
+
+    /// A field whose value is already JSON text (e.g. from [`JsonObject::raw`]).
+    pub fn raw(&mut self, key: &str, value: &RawValue) -> &mut Self {
+        self.key(key);
+        self.buf.extend_from_slice(value.get().as_bytes());
+        self
+    }
+
+    /// Copies every field of `object`, in order, except those named in `except` (typically
+    /// the fields this row sets itself).
+    pub fn copy_fields(&mut self, object: &JsonObject<'_>, except: &[&str]) -> &mut Self {
+        for (k, v) in object.iter() {
+            if !except.contains(&k) {
+                self.raw(k, v);
+            }
+        }
+        self
+    }
+
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.key(key);
+        write_json_str(&mut self.buf, value);
+        self
+    }
+
+    /// A string field holding `value`'s `Display` text (e.g. a [`Timestamp`]), written
+    /// without an intermediate `String`.
+    pub fn display(&mut self, key: &str, value: &impl fmt::Display) -> &mut Self {
+        self.key(key);
+        self.buf.push(b'"');
+        let start = self.buf.len();
+        let mut w = Utf8Sink(&mut self.buf);
+        // Writing into a Vec cannot fail.
+        let _ = write!(w, "{value}");
+        // Rare: the text needs escaping; redo it through the escaper.
+        if self.buf[start..]
+            .iter()
+            .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+        {
+            let text = String::from_utf8_lossy(&self.buf[start..]).into_owned();
+            self.buf.truncate(start - 1);
+            write_json_str(&mut self.buf, &text);
+        } else {
+            self.buf.push(b'"');
+        }
+        self
+    }
+
+    pub fn i64(&mut self, key: &str, value: i64) -> &mut Self {
+        self.key(key);
+        let _ = write!(Utf8Sink(&mut self.buf), "{value}");
+        self
+    }
+
+    pub fn u64(&mut self, key: &str, value: u64) -> &mut Self {
+        self.key(key);
+        let _ = write!(Utf8Sink(&mut self.buf), "{value}");
+        self
+    }
+
+    /// A number; NaN and infinities (which JSON cannot hold) are written as `null`.
+    pub fn f64(&mut self, key: &str, value: f64) -> &mut Self {
+        self.key(key);
+        if value.is_finite() {
+            // `Debug` of f64 is the shortest text that reads back as the same number, and
+            // always has a `.` or an exponent, as serde_json writes floats.
+            let _ = write!(Utf8Sink(&mut self.buf), "{value:?}");
+        } else {
+            self.buf.extend_from_slice(b"null");
+        }
+        self
+    }
+
+    pub fn bool(&mut self, key: &str, value: bool) -> &mut Self {
+        self.key(key);
+        self.buf
+            .extend_from_slice(if value { b"true" } else { b"false" });
+        self
+    }
+
+    pub fn null(&mut self, key: &str) -> &mut Self {
+        self.key(key);
+        self.buf.extend_from_slice(b"null");
+        self
+    }
+
+    /// Any serialisable value (objects, arrays, ...). Values that cannot be JSON (maps with
+    /// non-string keys) are an `other` error.
+    pub fn value(
+        &mut self,
+        key: &str,
+        value: &impl serde::Serialize,
+    ) -> Result<&mut Self, RecordError> {
+        let start = self.buf.len();
+        self.key(key);
+        if let Err(e) = serde_json::to_writer(&mut self.buf, value) {
+            self.buf.truncate(start);
+            return Err(RecordError::other(format!(
+                "cannot serialise field {key:?}: {e}"
+            )));
+        }
+        Ok(self)
+    }
+
+    /// The finished row for the pipeline's default table (see [`Row::for_table`]).
+    pub fn finish(mut self) -> Row {
+        self.buf.push(b'}');
+        Row::from_object_bytes(self.buf)
+    }
+}
+
+/// `fmt::Write` into a byte vector (what is written is UTF-8 text).
+struct Utf8Sink<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for Utf8Sink<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+fn write_json_str(buf: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
+        // Serialising a `str` into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *buf, s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use serde_json::json;
+
+    fn obj(text: &str) -> JsonObject<'_> {
+        JsonObject::from_slice(text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn reads_fields_without_a_tree() {
+        let text = r#"{"id":"tx-1","n":-3,"u":42,"r":0.5,"b":true,"z":null,
+            "e":"a\"b","o":{"k":[1,2]},"id":"tx-2","amount":"19.99","cents":19.99}"#;
+        let o = obj(text);
+        assert_eq!(o.len(), 11);
+        assert_eq!(
+            o.str("id").unwrap(),
+            "tx-2",
+            "the last of repeated keys wins"
+        );
+        assert!(matches!(o.str("id").unwrap(), Cow::Borrowed(_)));
+        assert_eq!(o.str("e").unwrap(), "a\"b");
+        assert_eq!(o.i64("n").unwrap(), -3);
+        assert_eq!(o.u64("u").unwrap(), 42);
+        assert_eq!(o.f64("r").unwrap(), 0.5);
+        assert_eq!(o.f64("u").unwrap(), 42.0);
+        assert!(o.bool("b").unwrap());
+        assert_eq!(o.value("o").unwrap(), json!({"k": [1, 2]}));
+        assert_eq!(o.parse::<Vec<u8>>("o").unwrap_err().kind, ErrorKind::Schema);
+        assert_eq!(o.fixed_point("amount", 2).unwrap(), 1999);
+        assert_eq!(o.fixed_point("cents", 2).unwrap(), 1999);
+        assert_eq!(o.get_opt("z").map(RawValue::get), None);
+        assert_eq!(o.raw("z").map(RawValue::get), Some("null"));
+        assert_eq!(o.str_opt("n"), None);
+    }
+
+    #[test]
+    fn errors_match_the_pointer_getters() {
+        let text = r#"{"id":"tx-1","blank":" ","user":{"id":42},"neg":-3,"ratio":0.5,"nothing":null,"ts":1.5}"#;
+        let o = obj(text);
+        let v: Value = serde_json::from_str(text).unwrap();
+        let pairs: [(Result<(), RecordError>, Result<(), RecordError>); 9] = [
+            (
+                o.str("missing").map(drop),
+                crate::json::get_str(&v, "/missing").map(drop),
+            ),
+            (
+                o.str("nothing").map(drop),
+                crate::json::get_str(&v, "/nothing").map(drop),
+            ),
+            (
+                o.str("neg").map(drop),
+                crate::json::get_str(&v, "/neg").map(drop),
+            ),
+            (
+                o.non_empty_str("blank").map(drop),
+                crate::json::get_non_empty_str(&v, "/blank").map(drop),
+            ),
+            (
+                o.u64("neg").map(drop),
+                crate::json::get_u64(&v, "/neg").map(drop),
+            ),
+            (
+                o.i64("ratio").map(drop),
+                crate::json::get_i64(&v, "/ratio").map(drop),
+            ),
+            (
+                o.bool("id").map(drop),
+                crate::json::get_bool(&v, "/id").map(drop),
+            ),
+            (
+                o.fixed_point("user", 2).map(drop),
+                crate::json::get_fixed_point(&v, "/user", 2).map(drop),
+            ),
+            (
+                o.timestamp("ts", EpochUnit::Millis).map(drop),
+                crate::json::get_timestamp(&v, "/ts", EpochUnit::Millis).map(drop),
+            ),
+        ];
+        for (fast, tree) in pairs {
+            let (fast, tree) = (fast.unwrap_err(), tree.unwrap_err());
+            assert_eq!(fast, tree);
+            assert_eq!(fast.kind, ErrorKind::Schema);
+        }
+    }
+
+    #[test]
+    fn classifies_bad_payloads() {
+        for (text, kind, needle) in [
+            ("{\"a\":", ErrorKind::Parse, "not valid JSON"),
+            ("{\"a\":1} x", ErrorKind::Parse, "trailing characters"),
+            ("[1, 2", ErrorKind::Parse, "not valid JSON"),
+            (
+                "[1, 2]",
+                ErrorKind::Schema,
+                "a JSON array, expected an object",
+            ),
+            ("\"s\"", ErrorKind::Schema, "a JSON string"),
+            ("7", ErrorKind::Schema, "a JSON number"),
+        ] {
+            let e = JsonObject::from_slice(text.as_bytes()).unwrap_err();
+            assert_eq!(e.kind, kind, "{text}");
+            assert!(e.message.contains(needle), "{text}: {e}");
+        }
+        let e = JsonObject::from_slice(b"{\"a\":\"\xff\"}").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Parse);
+        // Numbers beyond f64, at the top level or nested, are refused as `Value` refuses them.
+        for text in [r#"{"x":1e400}"#, r#"{"x":[1,{"y":-2E+309}]}"#] {
+            assert!(serde_json::from_str::<Value>(text).is_err());
+            let e = JsonObject::from_slice(text.as_bytes()).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Parse, "{text}");
+            assert!(e.message.contains("number out of range"), "{e}");
+        }
+        // Lone surrogates: refused as a `Value` refuses them; valid pairs are fine.
+        for (text, valid) in [
+            (r#"{"a":"x\ud800"}"#, false),
+            (r#"{"a":[{"b":"\udc00y"}]}"#, false),
+            (r#"{"a":"\ud83d\ude00","b":["\u00e9"]}"#, true),
+        ] {
+            assert_eq!(serde_json::from_str::<Value>(text).is_ok(), valid, "{text}");
+            match JsonObject::from_slice(text.as_bytes()) {
+                Ok(o) => {
+                    assert!(valid, "{text}");
+                    assert_eq!(o.str("a").unwrap(), "\u{1f600}");
+                }
+                Err(e) => {
+                    assert!(!valid, "{text}");
+                    assert_eq!(e.kind, ErrorKind::Parse, "{text}");
+                }
+            }
+        }
+        // Nesting: refused exactly where serde_json's recursion limit refuses a `Value`.
+        for depth in 120..135 {
+            let text = format!(
+                r#"{{"a":{}{},"b":1}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            let tree = serde_json::from_str::<Value>(&text).is_ok();
+            let fast = JsonObject::from_slice(text.as_bytes());
+            assert_eq!(fast.is_ok(), tree, "depth {depth}");
+            if let Err(e) = fast {
+                assert_eq!(e.kind, ErrorKind::Parse);
+            }
+        }
+        let ok = r#"{"x":[1e300,"1e400",{"1e400":-1e-400}],"y":123456789012345678901234567890}"#;
+        assert!(serde_json::from_str::<Value>(ok).is_ok());
+        assert_eq!(obj(ok).len(), 2);
+    }
+
+    #[test]
+    fn writes_rows() {
+        let o = obj(r#"{"a":1,"b":{"x":[true]},"drop":"me","s":"q\"uote"}"#);
+        let mut w = RowWriter::new();
+        w.copy_fields(&o, &["drop"])
+            .str("k\"ey", "tab\t")
+            .i64("i", -5)
+            .u64("u", 7)
+            .f64("f", 2.0)
+            .f64("nan", f64::NAN)
+            .bool("t", true)
+            .null("n")
+            .display("ts", &Timestamp::from_epoch_millis(1_000).unwrap());
+        w.value("v", &json!([1, "x"])).unwrap();
+        let row = w.finish();
+        let text = std::str::from_utf8(row.value().unwrap()).unwrap();
+        let parsed: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            parsed,
+            json!({"a": 1, "b": {"x": [true]}, "s": "q\"uote", "k\"ey": "tab\t", "i": -5,
+                   "u": 7, "f": 2.0, "nan": null, "t": true, "n": null,
+                   "ts": "1970-01-01T00:00:01.000Z", "v": [1, "x"]})
+        );
+        assert!(
+            text.starts_with(r#"{"a":1,"b":{"x":[true]},"s":"q\"uote","#),
+            "{text}"
+        );
+        assert_eq!(RowWriter::new().finish().value(), Ok(&b"{}"[..]));
+    }
+}
