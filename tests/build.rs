@@ -55,43 +55,18 @@ fn main() {
     check_wasm_target(&rustc);
 
     let target_dir = wasm_target_dir(&out_dir);
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.arg("build")
-        .arg("--release")
-        .args(["--target", WASM_TARGET])
-        .arg("--manifest-path")
-        .arg(workspace.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir);
-    for (_, package, _) in PLUGINS {
-        cmd.args(["-p", package]);
-    }
-    // Host-only settings of the outer build must not leak into the wasm build: clippy's
-    // wrapper (`cargo clippy` sets it), host rustflags, a forced target.
-    for var in [
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_BUILD_TARGET",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("RUSTC", &rustc);
-
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build the test plugins: {e}"));
-    if !output.status.success() {
-        panic!(
-            "building the test plugins for {WASM_TARGET} failed ({}):\n{}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr),
-        );
-    }
+    let packages: Vec<&str> = PLUGINS.iter().map(|(_, p, _)| *p).collect();
+    cargo_build_wasm(&workspace, &rustc, &target_dir, &packages, None);
+    // The enrich plugin's second version (`v2` feature: one more column), for hot-swap tests.
+    // Its own target directory: the same file name must not overwrite the first version.
+    let v2_dir = target_dir.join("enrich-v2");
+    cargo_build_wasm(
+        &workspace,
+        &rustc,
+        &v2_dir,
+        &["sluice-plugin-enrich"],
+        Some("sluice-plugin-enrich/v2"),
+    );
 
     // Copy each component next to the generated code: tests then read a file that a later
     // build of the shared target directory cannot change under them.
@@ -110,7 +85,71 @@ fn main() {
             copy.display().to_string()
         );
     }
+    let built = v2_dir
+        .join(WASM_TARGET)
+        .join("release")
+        .join("sluice_plugin_enrich.wasm");
+    let copy = out_dir.join("sluice_plugin_enrich_v2.wasm");
+    fs::copy(&built, &copy)
+        .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", built.display(), copy.display()));
+    let _ = writeln!(
+        consts,
+        "/// The enrich plugin built with its `v2` feature (adds `risk_level`; default\n\
+         /// `plugin_version` \"v2\"): the second version in hot-swap tests.\n\
+         pub const ENRICH_V2_WASM: &str = {:?};",
+        copy.display().to_string()
+    );
     fs::write(out_dir.join("plugins.rs"), consts).expect("OUT_DIR is writable");
+}
+
+/// `cargo build --release --target wasm32-wasip2` of `packages` into `target_dir`.
+fn cargo_build_wasm(
+    workspace: &Path,
+    rustc: &str,
+    target_dir: &Path,
+    packages: &[&str],
+    features: Option<&str>,
+) {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--release")
+        .args(["--target", WASM_TARGET])
+        .arg("--manifest-path")
+        .arg(workspace.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    for package in packages {
+        cmd.args(["-p", package]);
+    }
+    if let Some(f) = features {
+        cmd.args(["--features", f]);
+    }
+    // Host-only settings of the outer build must not leak into the wasm build: clippy's
+    // wrapper (`cargo clippy` sets it), host rustflags, a forced target.
+    for var in [
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("RUSTC", rustc);
+
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build the test plugins: {e}"));
+    if !output.status.success() {
+        panic!(
+            "building the test plugins for {WASM_TARGET} failed ({}):\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+    }
 }
 
 fn rerun_if_changed(path: &Path) {

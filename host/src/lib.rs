@@ -2,10 +2,14 @@
 //!
 //! The engine ([`pipeline`]) knows batches and the [`stage::Stage`] trait, nothing stage-specific.
 
+pub mod api;
 pub mod config;
+pub mod devtools;
 pub mod dlq;
 pub mod fault;
+pub mod metrics;
 pub mod pipeline;
+pub mod plugin_store;
 pub mod record;
 pub mod sink;
 pub mod source;

@@ -8,9 +8,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use reqwest::Method;
+use sluice::api::client::ApiClient;
+use sluice::api::{ApiConfig, ApiState};
 use sluice::config::LoadedConfig;
 use sluice::dlq::DeadLetterQueue;
+use sluice::pipeline::control::PipelineHandle;
 use sluice::pipeline::{Pipeline, PipelineError};
+use sluice::plugin_store::PluginStore;
 use sluice::sink::clickhouse::writer::ClickHouseSink;
 use sluice::stage::wasm::PluginRuntime;
 use sluice::state::StateStore;
@@ -42,7 +47,18 @@ enum Command {
         /// Pipeline file (YAML); repeat for more pipelines.
         #[arg(short, long, required = true)]
         config: Vec<PathBuf>,
+        #[command(flatten)]
+        api: ServeArgs,
     },
+    /// Show, pause or resume pipelines of a running sluice (over its HTTP API).
+    Pipeline {
+        #[command(subcommand)]
+        command: PipelineCommand,
+        #[command(flatten)]
+        api: ClientArgs,
+    },
+    /// Print the control plane's OpenAPI document (docs/openapi.json).
+    Openapi,
     /// Inspect and replay the dead-letter topic of a pipeline.
     Dlq {
         #[command(subcommand)]
@@ -55,6 +71,168 @@ enum Command {
         /// Only check the file and the plugins (no connection to ClickHouse or Kafka).
         #[arg(long)]
         offline: bool,
+    },
+    /// Write, build and test WebAssembly plugins (docs/plugins.md).
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+/// Control-plane options of `sluice run`.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Serve the HTTP control plane on this address (e.g. 127.0.0.1:8080). Off if not set.
+    #[arg(long, env = "SLUICE_API_LISTEN")]
+    api_listen: Option<std::net::SocketAddr>,
+    /// Accepted bearer token (repeat, or comma-separate in the variable). Required to listen
+    /// on a non-loopback address.
+    #[arg(
+        long = "api-token",
+        env = "SLUICE_API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_tokens: Vec<String>,
+    /// A file with one accepted bearer token per line.
+    #[arg(long, env = "SLUICE_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
+    /// Largest plugin upload accepted (larger: 413).
+    #[arg(long, env = "SLUICE_MAX_UPLOAD_MB", default_value_t = 64)]
+    max_upload_mb: usize,
+    /// Where uploaded plugins and each stage's selected version are kept (default:
+    /// `plugin-store` in the first pipeline's state directory).
+    #[arg(long, env = "SLUICE_PLUGIN_STORE")]
+    plugin_store: Option<PathBuf>,
+}
+
+/// How the CLI reaches a running sluice.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Base URL of the control plane.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    api: String,
+    /// Bearer token.
+    #[arg(long, global = true, env = "SLUICE_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// Status of one pipeline, or of all.
+    Status { name: Option<String> },
+    /// Flush open batches and stop consuming.
+    Pause { name: String },
+    /// Resume a paused pipeline (also after its circuit breaker tripped).
+    Resume { name: String },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Upload a component to a running sluice's plugin store (validated, precompiled,
+    /// versioned); prints the stored version.
+    Push {
+        name: String,
+        file: PathBuf,
+        /// Config (JSON) the upload check runs `init` with; default `{}`.
+        #[arg(long)]
+        config: Option<String>,
+        #[command(flatten)]
+        api: ClientArgs,
+    },
+    /// List stored plugins and versions.
+    List {
+        #[command(flatten)]
+        api: ClientArgs,
+    },
+    /// Hot-swap a stage of a running pipeline to a stored version (at the next batch).
+    Swap {
+        pipeline: String,
+        stage: String,
+        name: String,
+        version: u32,
+        #[command(flatten)]
+        api: ClientArgs,
+    },
+    /// Restore the stage's previous plugin.
+    Rollback {
+        pipeline: String,
+        stage: String,
+        #[command(flatten)]
+        api: ClientArgs,
+    },
+    /// Shadow runs: `start NAME VERSION`, `report`, `stop [--promote]`.
+    Shadow {
+        pipeline: String,
+        stage: String,
+        #[command(subcommand)]
+        action: ShadowAction,
+        #[command(flatten)]
+        api: ClientArgs,
+    },
+    /// Create a plugin project from a template: the source, `build.sh` (installs its toolchain
+    /// on first use), `fixtures/` for `sluice plugin test`, `wit/plugin.wit`.
+    New {
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(sluice::devtools::Lang::NAMES))]
+        lang: String,
+        /// The plugin's name: lowercase letters, digits, `_`, `-`; the component is
+        /// `target/NAME.wasm`.
+        name: String,
+        /// The project directory (default: ./NAME); must not exist or be empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Rust: the `guest-sdk/` directory to depend on (default: the sluice checkout the
+        /// project is in, else the one this binary was built from, else a git dependency).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin project (runs its `build.sh`) and check the component against the plugin
+    /// world. Prints the component's path on stdout.
+    Build {
+        /// The project directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Run a plugin on fixture records through the real sandbox (the same stage, limits and
+    /// error handling as `sluice run`) and diff its rows and per-record errors against the
+    /// expected ones; exits non-zero on any difference.
+    Test {
+        /// The component (`.wasm`).
+        plugin: PathBuf,
+        /// Input records, one JSON object per line.
+        #[arg(long)]
+        input: PathBuf,
+        /// Expected outputs, one JSON object per line.
+        #[arg(long)]
+        expect: PathBuf,
+        /// The stage's config (JSON) for inputs that name none; default `{}`.
+        #[arg(long)]
+        config: Option<String>,
+        /// A JSON file `{"configs": {NAME: CONFIG, ...}, "accepted": [...], "refused": [...]}`:
+        /// configs inputs name with `"config": NAME`, and configs init must accept or refuse.
+        #[arg(long)]
+        configs: Option<PathBuf>,
+        /// Write the actual outputs to the --expect file instead of comparing (then review it).
+        #[arg(long)]
+        update: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ShadowAction {
+    /// Run a stored version beside the live plugin on the same records.
+    Start { name: String, version: u32 },
+    /// Differences so far.
+    Report,
+    /// End the shadow run; `--promote` swaps the candidate in.
+    Stop {
+        #[arg(long)]
+        promote: bool,
     },
 }
 
@@ -127,9 +305,15 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Run { config } => run(&config).await,
+            Command::Run { config, api } => run(&config, api).await,
+            Command::Pipeline { command, api } => pipeline_cmd(command, api).await,
+            Command::Openapi => {
+                println!("{}", sluice::api::openapi::document());
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Validate { config, offline } => validate_cmd(&config, offline).await,
             Command::Dlq { command } => dlq_cmd(command).await,
+            Command::Plugin { command } => plugin_cmd(command).await,
         }
     });
     match result {
@@ -147,19 +331,58 @@ fn runtime_for(cfg: &LoadedConfig) -> anyhow::Result<PluginRuntime> {
     ))?)
 }
 
-async fn build_pipeline(cfg: LoadedConfig, runtime: &PluginRuntime) -> anyhow::Result<Pipeline> {
+async fn build_pipeline(
+    cfg: LoadedConfig,
+    runtime: &Arc<PluginRuntime>,
+    store: &Arc<PluginStore>,
+) -> anyhow::Result<(Pipeline, Arc<PipelineHandle>)> {
     let p = cfg.pipeline.clone();
-    let stages = sluice::stage::build(&cfg, runtime)
-        .with_context(|| format!("{}: building stages", cfg.path.display()))?;
     let sink = ClickHouseSink::connect(&p.sink.clickhouse).await?;
     check_columns(&cfg, &sink)?;
     let state = StateStore::open_with(&cfg.state_dir(), cfg.pipeline.state.memory())?;
     DeadLetterQueue::ensure_topic(&p.kafka, &p.dead_letter.topic).await?;
     let dlq = DeadLetterQueue::connect(&p.kafka, &p.dead_letter.topic, &p.name)?;
-    Ok(Pipeline::new(cfg, stages, sink, dlq, state))
+    let pipeline = Pipeline::new(cfg.clone(), sink, dlq, state);
+    let handle = PipelineHandle::new(cfg, &pipeline, runtime.clone(), Some(store.clone()));
+    // Build the stages once now (plugins as selected in the store), so that a plugin its
+    // config refuses is an error at start, not a pipeline that never runs.
+    handle
+        .check_stages()
+        .with_context(|| format!("{}: building stages", handle.cfg.path.display()))?;
+    Ok((pipeline, handle))
 }
 
-async fn run(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+fn api_config(args: &ServeArgs) -> anyhow::Result<Option<ApiConfig>> {
+    let Some(listen) = args.api_listen else {
+        return Ok(None);
+    };
+    let mut tokens: Vec<String> = args
+        .api_tokens
+        .iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if let Some(f) = &args.api_token_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading API token file {}", f.display()))?;
+        tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    let cfg = ApiConfig {
+        listen,
+        tokens,
+        max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
+    };
+    cfg.check().map_err(anyhow::Error::msg)?;
+    Ok(Some(cfg))
+}
+
+async fn run(paths: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let api = api_config(&args)?;
     let mut cfgs = Vec::new();
     for path in paths {
         cfgs.push(LoadedConfig::load(path)?);
@@ -169,6 +392,11 @@ async fn run(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     };
     // One engine for all pipelines: plugins are compiled once, epochs tick once.
     let runtime = Arc::new(runtime_for(first)?);
+    let store_dir = args
+        .plugin_store
+        .clone()
+        .unwrap_or_else(|| first.state_dir().join("plugin-store"));
+    let store = Arc::new(PluginStore::open(&store_dir)?);
     let mut names = std::collections::HashSet::new();
     for c in &cfgs {
         if !names.insert(c.pipeline.name.clone()) {
@@ -181,22 +409,43 @@ async fn run(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     }
     let mut pipelines = Vec::new();
     for cfg in cfgs {
-        let name = cfg.pipeline.name.clone();
-        pipelines.push((name, build_pipeline(cfg, &runtime).await?));
+        pipelines.push(build_pipeline(cfg, &runtime, &store).await?);
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_api = stop_tx.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    let mut tasks = tokio::task::JoinSet::new();
-    for (name, pipeline) in pipelines {
-        let mut rx = stop_rx.clone();
-        tasks.spawn(async move {
+    let mut api_task = None;
+    if let Some(api) = api {
+        let state = Arc::new(ApiState {
+            pipelines: pipelines
+                .iter()
+                .map(|(_, h)| (h.name().to_string(), h.clone()))
+                .collect(),
+            store: store.clone(),
+            runtime: runtime.clone(),
+            tokens: api.tokens.clone(),
+            max_upload_bytes: api.max_upload_bytes,
+        });
+        let mut rx = stop_api.subscribe();
+        let listener = tokio::net::TcpListener::bind(api.listen)
+            .await
+            .with_context(|| format!("control plane: cannot listen on {}", api.listen))?;
+        api_task = Some(tokio::spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            (name, pipeline.run(stop).await)
+            sluice::api::serve(listener, &api, state, stop).await
+        }));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (pipeline, handle) in pipelines {
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            let name = handle.name().to_string();
+            (name, handle.supervise(pipeline, rx).await)
         });
     }
     let mut failed = false;
@@ -205,8 +454,7 @@ async fn run(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
             Ok((name, Ok(()))) => tracing::info!(pipeline = %name, "stopped cleanly"),
             Ok((name, Err(PipelineError::Stage(e)))) if e.breaker_open => {
                 failed = true;
-                tracing::error!(pipeline = %name, "pipeline PAUSED: {e}");
-                eprintln!("sluice: pipeline {name} paused: {e}");
+                tracing::error!(pipeline = %name, "pipeline was paused by its circuit breaker: {e}");
             }
             Ok((name, Err(e))) => {
                 failed = true;
@@ -217,6 +465,15 @@ async fn run(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
                 failed = true;
                 eprintln!("error: pipeline task failed: {e}");
             }
+        }
+    }
+    // Every pipeline ended (stopped or failed): the API goes with them.
+    let _ = stop_api.send(true);
+    if let Some(t) = api_task {
+        match t.await {
+            Ok(Err(e)) => eprintln!("error: control plane: {e}"),
+            Err(e) => eprintln!("error: control plane task: {e}"),
+            Ok(Ok(())) => {}
         }
     }
     Ok(if failed {
@@ -442,6 +699,191 @@ async fn dlq_cmd(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Prints an API answer as pretty JSON; API errors become the command's error.
+fn print_json(v: &serde_json::Value) -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client(api: &ClientArgs) -> ApiClient {
+    ApiClient::new(&api.api, api.token.clone())
+}
+
+async fn pipeline_cmd(cmd: PipelineCommand, api: ClientArgs) -> anyhow::Result<ExitCode> {
+    let c = client(&api);
+    let v = match cmd {
+        PipelineCommand::Status { name: None } => c.get("/v1/pipelines").await?,
+        PipelineCommand::Status { name: Some(n) } => c.get(&format!("/v1/pipelines/{n}")).await?,
+        PipelineCommand::Pause { name } => {
+            c.call(
+                Method::POST,
+                &format!("/v1/pipelines/{name}/pause"),
+                None,
+                None,
+            )
+            .await?
+        }
+        PipelineCommand::Resume { name } => {
+            c.call(
+                Method::POST,
+                &format!("/v1/pipelines/{name}/resume"),
+                None,
+                None,
+            )
+            .await?
+        }
+    };
+    print_json(&v)
+}
+
+async fn plugin_cmd(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
+    use sluice::devtools;
+    match cmd {
+        PluginCommand::Push {
+            name,
+            file,
+            config,
+            api,
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut path = format!("/v1/plugins/{name}");
+            if let Some(c) = config {
+                let encoded: String = url_encode(&c);
+                path.push_str(&format!("?config={encoded}"));
+            }
+            let v = client(&api)
+                .call(Method::POST, &path, None, Some((bytes, "application/wasm")))
+                .await?;
+            print_json(&v)
+        }
+        PluginCommand::List { api } => print_json(&client(&api).get("/v1/plugins").await?),
+        PluginCommand::Swap {
+            pipeline,
+            stage,
+            name,
+            version,
+            api,
+        } => {
+            let body = serde_json::json!({"name": name, "version": version});
+            let v = client(&api)
+                .call(
+                    Method::PUT,
+                    &format!("/v1/pipelines/{pipeline}/stages/{stage}/plugin"),
+                    Some(&body),
+                    None,
+                )
+                .await?;
+            print_json(&v)
+        }
+        PluginCommand::Rollback {
+            pipeline,
+            stage,
+            api,
+        } => {
+            let v = client(&api)
+                .call(
+                    Method::POST,
+                    &format!("/v1/pipelines/{pipeline}/stages/{stage}/rollback"),
+                    None,
+                    None,
+                )
+                .await?;
+            print_json(&v)
+        }
+        PluginCommand::Shadow {
+            pipeline,
+            stage,
+            action,
+            api,
+        } => {
+            let path = format!("/v1/pipelines/{pipeline}/stages/{stage}/shadow");
+            let c = client(&api);
+            let v = match action {
+                ShadowAction::Start { name, version } => {
+                    let body = serde_json::json!({"name": name, "version": version});
+                    c.call(Method::POST, &path, Some(&body), None).await?
+                }
+                ShadowAction::Report => c.get(&path).await?,
+                ShadowAction::Stop { promote } => {
+                    c.call(
+                        Method::DELETE,
+                        &format!("{path}?promote={promote}"),
+                        None,
+                        None,
+                    )
+                    .await?
+                }
+            };
+            print_json(&v)
+        }
+        PluginCommand::New {
+            lang,
+            name,
+            dir,
+            sdk,
+        } => {
+            let lang = lang.parse().map_err(anyhow::Error::msg)?;
+            let opts = devtools::NewOptions {
+                lang,
+                name,
+                dir,
+                sdk,
+            };
+            println!("{}", devtools::new_project(&opts)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Build { dir } => {
+            let built =
+                tokio::task::spawn_blocking(move || devtools::build_project(&dir)).await??;
+            eprintln!("{}", built.summary());
+            println!("{}", built.wasm.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Test {
+            plugin,
+            input,
+            expect,
+            config,
+            configs,
+            update,
+        } => {
+            let config = match config {
+                Some(text) => serde_json::from_str(&text).context("--config is not JSON")?,
+                None => serde_json::Value::Null,
+            };
+            let opts = devtools::TestOptions {
+                plugin,
+                input,
+                expect,
+                config,
+                configs,
+                update,
+            };
+            // Plugins run synchronously (their WASI calls may block), as in the engine.
+            let report = tokio::task::spawn_blocking(move || devtools::run_test(&opts)).await??;
+            println!("{report}");
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// Percent-encodes a query value.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A private scratch directory for replay state.

@@ -156,10 +156,19 @@ pub struct WasmStageConfig {
     /// records forever. 0 disables the breaker.
     #[serde(default = "default_breaker")]
     pub breaker_failures: u32,
+    /// When the breaker trips within this many seconds of a hot-swap of this stage, the
+    /// previous plugin version is restored automatically and the pipeline continues (instead
+    /// of pausing). 0 disables automatic rollback.
+    #[serde(default = "default_rollback_window")]
+    pub rollback_on_breaker_s: u64,
 }
 
 fn default_breaker() -> u32 {
     5
+}
+
+fn default_rollback_window() -> u64 {
+    600
 }
 
 /// Per-plugin sandbox limits. Defaults are safe for untrusted code; a limit hit is a typed

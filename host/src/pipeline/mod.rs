@@ -17,6 +17,7 @@
 //! process a batch twice, so their state always matches what reached ClickHouse.
 
 mod batch;
+pub mod control;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,12 +30,14 @@ use tokio::sync::mpsc;
 use crate::config::LoadedConfig;
 use crate::dlq::{DeadLetterQueue, DlqError};
 use crate::fault;
+use crate::metrics::METRICS;
 use crate::record::{DeadLetter, Record};
 use crate::sink::clickhouse::writer::{dedup_token, ClickHouseSink, SinkError};
 use crate::source::kafka::{Committer, KafkaSource, RebalanceEvent, SourceError};
 use crate::stage::{BatchContext, PartitionKey, Stage, StageError};
 use crate::state::{Outbox, PartitionJournal, StateError, StateStore};
 use batch::{Accumulator, SealedBatch};
+use control::{Control, Live, SwapApplied};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -95,30 +98,31 @@ enum WorkItem {
     },
 }
 
+/// A pipeline's long-lived parts (sink, dead-letter producer, state store, counters); each
+/// [`Pipeline::run`] consumes from Kafka with a given set of stages until it is stopped.
 pub struct Pipeline {
     cfg: LoadedConfig,
-    stages: Vec<Box<dyn Stage>>,
     sink: Arc<ClickHouseSink>,
     dlq: Arc<DeadLetterQueue>,
     state: Arc<StateStore>,
     stats: Arc<Stats>,
+    live: Arc<Mutex<Live>>,
 }
 
 impl Pipeline {
     pub fn new(
         cfg: LoadedConfig,
-        stages: Vec<Box<dyn Stage>>,
         sink: ClickHouseSink,
         dlq: DeadLetterQueue,
         state: StateStore,
     ) -> Self {
         Self {
             cfg,
-            stages,
             sink: Arc::new(sink),
             dlq: Arc::new(dlq),
             state: Arc::new(state),
             stats: Arc::new(Stats::default()),
+            live: Arc::new(Mutex::new(Live::default())),
         }
     }
 
@@ -126,15 +130,25 @@ impl Pipeline {
         self.stats.clone()
     }
 
-    /// Runs until `shutdown` resolves (then flushes what it holds) or a fatal error occurs.
+    pub fn live(&self) -> Arc<Mutex<Live>> {
+        self.live.clone()
+    }
+
+    /// Runs `stages` until `shutdown` resolves (then flushes what it holds) or a fatal error
+    /// occurs. `control` requests are applied between batches.
     pub async fn run(
-        mut self,
+        &self,
+        mut stages: Vec<Box<dyn Stage>>,
+        control: mpsc::Receiver<Control>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), PipelineError> {
         let p = self.cfg.pipeline.clone();
+        if let Ok(mut live) = self.live.lock() {
+            live.stages = control::stage_statuses(&self.cfg, &mut stages);
+        }
         // Side topics (e.g. a join's other stream) go straight to the stage that owns them.
         let mut side: HashMap<String, usize> = HashMap::new();
-        for (i, s) in self.stages.iter().enumerate() {
+        for (i, s) in stages.iter().enumerate() {
             for t in s.side_topics() {
                 side.insert(t, i);
             }
@@ -144,7 +158,9 @@ impl Pipeline {
         let (tx, rx) = mpsc::channel::<WorkItem>(2);
         let worker = Worker {
             pipeline: p.name.clone(),
-            stages: Arc::new(Mutex::new(std::mem::take(&mut self.stages))),
+            cfg: self.cfg.clone(),
+            stages: Arc::new(Mutex::new(stages)),
+            live: self.live.clone(),
             side,
             sink: self.sink.clone(),
             dlq: self.dlq.clone(),
@@ -152,12 +168,17 @@ impl Pipeline {
             committer: source.committer(),
             stats: self.stats.clone(),
         };
-        let mut worker_task = tokio::spawn(worker.run(rx));
+        let mut worker_task = tokio::spawn(worker.run(rx, control));
+        let committer = source.committer();
+        let mut lag_probe: Option<tokio::task::JoinHandle<()>> = None;
         // Set once the worker's result has been taken (a finished JoinHandle must not be
         // awaited again).
         let mut worker_done = false;
         let batch_cfg = p.sink.batch.clone();
         let mut accs: HashMap<PartitionKey, Accumulator> = HashMap::new();
+        // Batches sealed per partition since it was assigned: the first ones are small so the
+        // first rows are visible quickly, then they grow to the configured size.
+        let mut sealed_count: HashMap<PartitionKey, u32> = HashMap::new();
         let mut journals: HashMap<PartitionKey, PartitionJournal> = HashMap::new();
         let tick_every = (batch_cfg.max_age() / 4).max(Duration::from_millis(5));
         let mut tick = tokio::time::interval(tick_every);
@@ -179,6 +200,7 @@ impl Pipeline {
                         for pk in parts {
                             // Not committed: the next owner consumes it again.
                             accs.remove(&pk);
+                            sealed_count.remove(&pk);
                             journals.remove(&pk);
                         }
                     }
@@ -192,6 +214,7 @@ impl Pipeline {
                         .collect();
                     for pk in aged {
                         if let Some(sealed) = accs.remove(&pk).and_then(|a| a.seal(&pk)) {
+                            *sealed_count.entry(pk.clone()).or_default() += 1;
                             if tx.send(WorkItem::Batch(sealed)).await.is_err() {
                                 return Err(worker_exit((&mut worker_task).await));
                             }
@@ -200,6 +223,9 @@ impl Pipeline {
                     if last_report.elapsed() >= Duration::from_secs(5) {
                         last_report = Instant::now();
                         self.report();
+                        if lag_probe.as_ref().is_none_or(|h| h.is_finished()) {
+                            lag_probe = Some(self.probe_lag(&committer));
+                        }
                     }
                 }
                 m = source.recv() => {
@@ -235,10 +261,13 @@ impl Pipeline {
                         Stats::add(&self.stats.skipped_records, 1);
                         continue;
                     }
-                    let acc = accs.entry(pk.clone()).or_insert_with(Accumulator::new);
+                    let acc = accs.entry(pk.clone()).or_insert_with(|| {
+                        Accumulator::ramp(sealed_count.get(&pk).copied().unwrap_or(0))
+                    });
                     acc.push(Record::from_origin(Arc::new(origin)));
                     if acc.is_full(&batch_cfg) {
                         if let Some(sealed) = accs.remove(&pk).and_then(|a| a.seal(&pk)) {
+                            *sealed_count.entry(pk.clone()).or_default() += 1;
                             if tx.send(WorkItem::Batch(sealed)).await.is_err() {
                                 worker_done = true;
                                 break Err(worker_exit((&mut worker_task).await));
@@ -271,6 +300,27 @@ impl Pipeline {
         worker_result
     }
 
+    /// Measures lag (end offset − committed offset) per assigned partition, off the loop.
+    fn probe_lag(&self, committer: &Committer) -> tokio::task::JoinHandle<()> {
+        let committer = committer.clone();
+        let live = self.live.clone();
+        let name = self.cfg.pipeline.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(lags) = committer.lag(Duration::from_secs(2)) else {
+                return;
+            };
+            for (pk, committed, end) in &lags {
+                METRICS
+                    .lag
+                    .with_label_values(&[&name, &pk.topic, &pk.partition.to_string()])
+                    .set((end - committed).max(0));
+            }
+            if let Ok(mut l) = live.lock() {
+                l.lag = lags.into_iter().map(|(pk, c, e)| (pk, (c, e))).collect();
+            }
+        })
+    }
+
     fn report(&self) {
         let s = &self.stats;
         tracing::info!(
@@ -296,7 +346,9 @@ fn worker_exit(r: Result<Result<(), PipelineError>, tokio::task::JoinError>) -> 
 /// one worker keeps it simple and deterministic).
 struct Worker {
     pipeline: String,
+    cfg: LoadedConfig,
     stages: Arc<Mutex<Vec<Box<dyn Stage>>>>,
+    live: Arc<Mutex<Live>>,
     /// Side topic → index of the stage that consumes it.
     side: HashMap<String, usize>,
     sink: Arc<ClickHouseSink>,
@@ -331,8 +383,22 @@ impl Backoff {
 }
 
 impl Worker {
-    async fn run(self, mut rx: mpsc::Receiver<WorkItem>) -> Result<(), PipelineError> {
-        while let Some(item) = rx.recv().await {
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<WorkItem>,
+        mut control: mpsc::Receiver<Control>,
+    ) -> Result<(), PipelineError> {
+        loop {
+            // Control first: a swap requested while a batch was running applies to the next.
+            let item = tokio::select! {
+                biased;
+                Some(c) = control.recv() => {
+                    self.control(c);
+                    continue;
+                }
+                item = rx.recv() => item,
+            };
+            let Some(item) = item else { break };
             match item {
                 WorkItem::Batch(b) => self.process(b).await?,
                 WorkItem::Recover {
@@ -340,10 +406,80 @@ impl Worker {
                     first,
                     last,
                     outbox,
-                } => self.deliver(&partition, first, last, outbox).await?,
+                } => {
+                    self.deliver(&partition, first, last, outbox, Vec::new())
+                        .await?
+                }
             }
         }
         Ok(())
+    }
+
+    /// Applies a control request. Runs between batches: no stage is in use.
+    fn control(&self, c: Control) {
+        let Ok(mut stages) = self.stages.lock() else {
+            return;
+        };
+        let find = |stages: &mut Vec<Box<dyn Stage>>, name: &str| -> Result<usize, StageError> {
+            stages
+                .iter()
+                .position(|s| s.name() == name)
+                .ok_or_else(|| StageError::new(name, "no such stage"))
+        };
+        macro_rules! with_slot {
+            ($stage:expr, |$slot:ident| $body:expr) => {{
+                match find(&mut stages, &$stage) {
+                    Ok(i) => match stages[i].plugin_slot() {
+                        Some($slot) => $body,
+                        None => Err(StageError::new(&$stage, "not a plugin stage")),
+                    },
+                    Err(e) => Err(e),
+                }
+            }};
+        }
+        match c {
+            Control::Swap {
+                stage,
+                plugin,
+                reply,
+            } => {
+                let r = with_slot!(stage, |slot| {
+                    let previous = slot.current();
+                    slot.swap(plugin).map(|()| previous)
+                })
+                .map(|previous| SwapApplied {
+                    previous,
+                    from_offsets: self
+                        .live
+                        .lock()
+                        .map(|l| {
+                            l.positions
+                                .iter()
+                                .map(|(pk, o)| (pk.to_string(), *o))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+                let _ = reply.send(r);
+            }
+            Control::ShadowStart {
+                stage,
+                plugin,
+                reply,
+            } => {
+                let _ = reply.send(with_slot!(stage, |slot| slot.start_shadow(plugin)));
+            }
+            Control::ShadowReport { stage, reply } => {
+                let _ = reply.send(with_slot!(stage, |slot| Ok(slot.shadow_report())));
+            }
+            Control::ShadowStop { stage, reply } => {
+                let _ = reply.send(with_slot!(stage, |slot| Ok(slot.stop_shadow())));
+            }
+        }
+        let statuses = control::stage_statuses(&self.cfg, &mut stages);
+        if let Ok(mut l) = self.live.lock() {
+            l.stages = statuses;
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -370,6 +506,19 @@ impl Worker {
         let side_stage = self.side.get(&pk.topic).copied();
         let stats = self.stats.clone();
         let records = batch.records;
+        let pipeline = self.pipeline.clone();
+        METRICS
+            .consumed
+            .with_label_values(&[&pipeline, &pk.topic])
+            .inc_by(records.len() as u64);
+        METRICS
+            .batch_records
+            .with_label_values(&[&pipeline])
+            .observe(records.len() as f64);
+        let timestamps: Vec<i64> = records
+            .iter()
+            .filter_map(|r| r.origin.timestamp_ms)
+            .collect();
         let outbox = Self::blocking(move || {
             let mut stages = stages
                 .lock()
@@ -379,14 +528,25 @@ impl Worker {
             let mut dead: Vec<DeadLetter> = Vec::new();
             let start = side_stage.unwrap_or(0);
             for (i, stage) in stages.iter_mut().enumerate().skip(start) {
+                let started = Instant::now();
                 let out = if Some(i) == side_stage {
                     stage.process_side(records, &ctx, &mut txn)?
                 } else {
                     stage.process(records, &ctx, &mut txn)?
                 };
+                METRICS
+                    .stage_seconds
+                    .with_label_values(&[&pipeline, stage.name()])
+                    .observe(started.elapsed().as_secs_f64());
                 records = out.records;
                 dead.extend(out.dead_letters);
                 if !out.counters.is_empty() {
+                    for (name, n) in &out.counters {
+                        METRICS
+                            .stage_events
+                            .with_label_values(&[&pipeline, stage.name(), name])
+                            .inc_by(*n);
+                    }
                     if let Ok(mut m) = stats.stage_counters.lock() {
                         for (name, n) in out.counters {
                             *m.entry(format!("{}.{name}", stage.name())).or_default() += n;
@@ -407,7 +567,7 @@ impl Worker {
         })
         .await??;
         fault::point(fault::AFTER_BEGIN);
-        self.deliver(&pk, first, last, outbox).await
+        self.deliver(&pk, first, last, outbox, timestamps).await
     }
 
     /// Steps 3 to 6, for a fresh batch or one recovered from the journal.
@@ -417,22 +577,43 @@ impl Worker {
         first: i64,
         last: i64,
         outbox: Outbox,
+        timestamps: Vec<i64>,
     ) -> Result<(), PipelineError> {
+        let p = self.pipeline.as_str();
         for (table, rows, data) in outbox.tables {
             let token = dedup_token(&self.pipeline, &pk.topic, pk.partition, first, last, &table);
             let data = Bytes::from(data);
             let mut backoff = Backoff::new();
+            let started = Instant::now();
             loop {
                 match self.sink.insert(&table, data.clone(), &token).await {
                     Ok(()) => break,
                     Err(e) if e.is_retryable() => {
                         tracing::warn!(partition = %pk, first, last, "{e}; retrying");
+                        METRICS.insert_retries.with_label_values(&[p, &table]).inc();
                         backoff.wait().await;
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
+            METRICS
+                .insert_seconds
+                .with_label_values(&[p, &table])
+                .observe(started.elapsed().as_secs_f64());
+            METRICS
+                .rows_inserted
+                .with_label_values(&[p, &table])
+                .inc_by(rows);
             Stats::add(&self.stats.rows_inserted, rows);
+        }
+        // Kafka timestamp → acknowledged by ClickHouse (records of a recovered batch are not
+        // counted: their latency includes the downtime).
+        if !timestamps.is_empty() {
+            let now = crate::plugin_store::now_ms();
+            let h = METRICS.end_to_end_seconds.with_label_values(&[p]);
+            for ts in timestamps.iter().filter(|t| **t > 0) {
+                h.observe((now - ts).max(0) as f64 / 1e3);
+            }
         }
         fault::point(fault::AFTER_INSERT);
 
@@ -449,6 +630,16 @@ impl Worker {
                 }
             }
             Stats::add(&self.stats.dead_letters, dead_letters.len() as u64);
+            let mut by: HashMap<(&str, &str), u64> = HashMap::new();
+            for d in &dead_letters {
+                *by.entry((d.stage.as_str(), d.kind.as_str())).or_default() += 1;
+            }
+            for ((stage, kind), n) in by {
+                METRICS
+                    .dead_letters
+                    .with_label_values(&[p, stage, kind])
+                    .inc_by(n);
+            }
         }
         fault::point(fault::AFTER_DEAD_LETTERS);
 
@@ -468,6 +659,10 @@ impl Worker {
         let key = pk.clone();
         Self::blocking(move || state.complete_batch(&key, last)).await??;
         Stats::add(&self.stats.batches, 1);
+        METRICS.batches.with_label_values(&[p]).inc();
+        if let Ok(mut l) = self.live.lock() {
+            l.positions.insert(pk.clone(), last + 1);
+        }
         Ok(())
     }
 }

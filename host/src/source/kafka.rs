@@ -110,10 +110,21 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // A crashed instance's partitions move to a live one after this long (librdkafka: 45 s).
     ("session.timeout.ms", "10000"),
     ("heartbeat.interval.ms", "1000"),
+    // Bound librdkafka's prefetch: its default (64 MiB queued, 50 MiB per fetch) sits on top
+    // of the batches sluice holds. 16 MiB is ~80,000 records of 200 bytes, more than a batch
+    // takes to process. (A broker that ignores fetch limits, like noida-db, still sends more.)
+    ("queued.max.messages.kbytes", "16384"),
+    ("fetch.max.bytes", "16777216"),
+    // Once that queue has drained, fetch again soon (librdkafka waits 1 s by default after
+    // the queue was full, which shows up as a stall between batches).
+    ("fetch.queue.backoff.ms", "10"),
 ];
 
 pub struct KafkaSource {
     consumer: Arc<SluiceConsumer>,
+    /// Topic names already seen, shared by every record of the topic (an `Arc<str>` per
+    /// message was an allocation and a free per record).
+    topics: std::sync::Mutex<Vec<Arc<str>>>,
 }
 
 impl KafkaSource {
@@ -162,6 +173,7 @@ impl KafkaSource {
         Ok((
             Self {
                 consumer: Arc::new(consumer),
+                topics: std::sync::Mutex::new(Vec::new()),
             },
             rx,
         ))
@@ -174,7 +186,23 @@ impl KafkaSource {
             .recv()
             .await
             .map_err(|e| SourceError::Receive(e.to_string()))?;
-        Ok(to_origin(&m))
+        let topic = self.topic(m.topic());
+        Ok(to_origin(&m, topic))
+    }
+
+    fn topic(&self, name: &str) -> Arc<str> {
+        // Only `recv` takes the lock, so it is never contended; a poisoned lock only means a
+        // panic elsewhere, and the cache is still valid.
+        let mut topics = self
+            .topics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(t) = topics.iter().find(|t| &***t == name) {
+            return t.clone();
+        }
+        let t: Arc<str> = Arc::from(name);
+        topics.push(t.clone());
+        t
     }
 
     pub fn committer(&self) -> Committer {
@@ -213,6 +241,30 @@ impl Committer {
         .map_err(err)
     }
 
+    /// Per assigned partition: (committed offset, end offset), for lag metrics. Blocking.
+    pub fn lag(&self, timeout: Duration) -> Result<Vec<(PartitionKey, i64, i64)>, SourceError> {
+        let committed = self.committed(timeout)?;
+        let mut out = Vec::new();
+        for e in committed.elements() {
+            let Ok((_, high)) = self
+                .consumer
+                .fetch_watermarks(e.topic(), e.partition(), timeout)
+            else {
+                continue;
+            };
+            let committed = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            let pk = PartitionKey {
+                topic: e.topic().to_string(),
+                partition: e.partition(),
+            };
+            out.push((pk, committed, high));
+        }
+        Ok(out)
+    }
+
     /// Committed offsets of the current assignment (for status and tests).
     pub fn committed(&self, timeout: Duration) -> Result<TopicPartitionList, SourceError> {
         self.consumer
@@ -235,10 +287,10 @@ pub fn copy_headers(m: &BorrowedMessage<'_>) -> Vec<Header> {
         .unwrap_or_default()
 }
 
-fn to_origin(m: &BorrowedMessage<'_>) -> Origin {
+fn to_origin(m: &BorrowedMessage<'_>, topic: Arc<str>) -> Origin {
     let headers = copy_headers(m);
     Origin {
-        topic: Arc::from(m.topic()),
+        topic,
         partition: m.partition(),
         offset: m.offset(),
         timestamp_ms: m.timestamp().to_millis(),

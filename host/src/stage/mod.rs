@@ -6,8 +6,13 @@ pub mod join;
 pub mod keyed;
 pub mod wasm;
 
+use std::sync::Arc;
+
+use crate::plugin_store::PluginRef;
 use crate::record::{DeadLetter, Record};
 use crate::state::StateTxn;
+pub use wasm::shadow::ShadowReport;
+use wasm::LoadedPlugin;
 
 /// Identifies the Kafka partition a batch comes from. Batches never span partitions, so state
 /// kept per partition can move with the partition on rebalance.
@@ -96,6 +101,30 @@ pub trait Stage: Send {
         let _ = (batch, ctx, state);
         Ok(StageOutput::default())
     }
+
+    /// Stages that run a replaceable plugin expose it here (hot-swap, shadow runs); the
+    /// engine calls it only between batches.
+    fn plugin_slot(&mut self) -> Option<&mut dyn PluginSlot> {
+        None
+    }
+}
+
+/// A stage whose logic is a plugin that can be replaced while the pipeline runs.
+pub trait PluginSlot {
+    fn current(&self) -> PluginRef;
+
+    /// Replaces the plugin from the next batch on. The new plugin is instantiated (and its
+    /// `init` run with the stage's config) before anything changes: on error the old one stays.
+    fn swap(&mut self, plugin: Arc<LoadedPlugin>) -> Result<(), StageError>;
+
+    /// Runs `candidate` beside the live plugin on the same records (its output discarded)
+    /// until [`PluginSlot::stop_shadow`]; replaces a running shadow.
+    fn start_shadow(&mut self, candidate: Arc<LoadedPlugin>) -> Result<(), StageError>;
+
+    fn shadow_report(&self) -> Option<ShadowReport>;
+
+    /// Ends the shadow run; returns its final report and the candidate (to promote it).
+    fn stop_shadow(&mut self) -> Option<(ShadowReport, Arc<LoadedPlugin>)>;
 }
 
 /// The sandbox options of a WASM stage, with granted directories resolved against the file.
@@ -120,11 +149,24 @@ pub fn build(
     cfg: &crate::config::LoadedConfig,
     runtime: &wasm::PluginRuntime,
 ) -> Result<Vec<Box<dyn Stage>>, wasm::PluginError> {
+    build_with(cfg, runtime, &std::collections::HashMap::new())
+}
+
+/// Like [`build`], with plugins chosen over the control plane (stage name → plugin) instead
+/// of the files named in the pipeline file.
+pub fn build_with(
+    cfg: &crate::config::LoadedConfig,
+    runtime: &wasm::PluginRuntime,
+    plugins: &std::collections::HashMap<String, Arc<LoadedPlugin>>,
+) -> Result<Vec<Box<dyn Stage>>, wasm::PluginError> {
     let mut stages: Vec<Box<dyn Stage>> = Vec::new();
     for s in &cfg.pipeline.stages {
         match s.kind() {
             Some(crate::config::StageKind::Wasm(w)) => {
-                let plugin = runtime.load_file(&cfg.resolve(&w.plugin))?;
+                let plugin = match plugins.get(&s.name) {
+                    Some(p) => p.clone(),
+                    None => runtime.load_file(&cfg.resolve(&w.plugin))?,
+                };
                 stages.push(Box::new(wasm::WasmStage::with_options(
                     &cfg.pipeline.name,
                     &s.name,

@@ -7,17 +7,20 @@
 
 pub mod bindings;
 pub mod runtime;
+pub mod shadow;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::config::{PluginLimits, WasiGrants};
+use crate::plugin_store::{now_ms, PluginRef};
 use crate::record::{DeadLetter, Header, Record};
-use crate::stage::{BatchContext, Stage, StageError, StageOutput};
+use crate::stage::{BatchContext, PluginSlot, Stage, StageError, StageOutput};
 use crate::state::StateTxn;
 use bindings::{BatchResult, InputRecord, Source};
 pub use runtime::{LoadedPlugin, LogLabels, PluginError, PluginInstance, PluginRuntime};
+pub use shadow::ShadowReport;
 
 /// Dead-letter kinds that mean "the plugin failed on this record" rather than "the plugin
 /// rejected this record".
@@ -34,6 +37,7 @@ pub struct WasmStage {
     /// Trip after this many consecutive failing batches (0: never).
     breaker_failures: u32,
     consecutive_failures: u32,
+    shadow: Option<shadow::ShadowRun>,
 }
 
 /// Sandbox options of a WASM stage beyond its limits.
@@ -101,6 +105,7 @@ impl WasmStage {
             instance: Some(instance),
             breaker_failures: options.breaker_failures,
             consecutive_failures: 0,
+            shadow: None,
         })
     }
 
@@ -261,6 +266,10 @@ impl Stage for WasmStage {
         &self.name
     }
 
+    fn plugin_slot(&mut self) -> Option<&mut dyn PluginSlot> {
+        Some(self)
+    }
+
     fn process(
         &mut self,
         batch: Vec<Record>,
@@ -283,6 +292,115 @@ impl Stage for WasmStage {
     }
 }
 
+impl WasmStage {
+    /// Gives the shadow candidate the same inputs the live plugin just processed. Its failures
+    /// are counted, never propagated: a shadow cannot disturb the live pipeline.
+    fn run_shadow(
+        &mut self,
+        inputs: &[InputRecord],
+        live: &BatchResult,
+        live_time: std::time::Duration,
+    ) {
+        let Some(run) = self.shadow.as_mut() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let instance = match run.instance.take() {
+            Some(i) => Ok(i),
+            None => run.candidate.instantiate(
+                &self.config_json,
+                &self.limits,
+                &self.grants,
+                self.labels.clone(),
+            ),
+        };
+        let result = instance.and_then(|mut i| {
+            let r = i.process(inputs);
+            if r.is_ok() {
+                run.instance = Some(i);
+            }
+            r
+        });
+        let elapsed = started.elapsed();
+        if let Err(e) = &result {
+            tracing::debug!(stage = %self.name, candidate = %run.candidate.id(), "shadow call failed: {e}");
+        }
+        run.observe(inputs, live, live_time, result.as_ref().ok(), elapsed);
+    }
+}
+
+impl PluginSlot for WasmStage {
+    fn current(&self) -> PluginRef {
+        self.plugin.plugin_ref()
+    }
+
+    fn swap(&mut self, plugin: Arc<LoadedPlugin>) -> Result<(), StageError> {
+        let labels = Arc::new(LogLabels {
+            pipeline: self.labels.pipeline.clone(),
+            stage: self.name.clone(),
+            plugin: plugin.id(),
+        });
+        let instance = plugin
+            .instantiate(
+                &self.config_json,
+                &self.limits,
+                &self.grants,
+                labels.clone(),
+            )
+            .map_err(|e| StageError::new(&self.name, e.to_string()))?;
+        tracing::info!(pipeline = %labels.pipeline, stage = %self.name, from = %self.plugin.id(), to = %plugin.id(), "plugin swapped");
+        self.plugin = plugin;
+        self.labels = labels;
+        self.instance = Some(instance);
+        self.consecutive_failures = 0;
+        Ok(())
+    }
+
+    fn start_shadow(&mut self, candidate: Arc<LoadedPlugin>) -> Result<(), StageError> {
+        let instance = candidate
+            .instantiate(
+                &self.config_json,
+                &self.limits,
+                &self.grants,
+                self.labels.clone(),
+            )
+            .map_err(|e| StageError::new(&self.name, e.to_string()))?;
+        self.shadow = Some(shadow::ShadowRun {
+            report: ShadowReport {
+                live: self.plugin.plugin_ref(),
+                candidate: candidate.plugin_ref(),
+                started_at_ms: now_ms(),
+                batches: 0,
+                records: 0,
+                rows_live: 0,
+                rows_candidate: 0,
+                records_same: 0,
+                records_changed: 0,
+                errors_live: 0,
+                errors_candidate: 0,
+                candidate_failures: 0,
+                fields_added: Default::default(),
+                fields_removed: Default::default(),
+                fields_changed: Default::default(),
+                live_ms: 0.0,
+                candidate_ms: 0.0,
+                samples: Vec::new(),
+            },
+            candidate,
+            instance: Some(instance),
+        });
+        Ok(())
+    }
+
+    fn shadow_report(&self) -> Option<ShadowReport> {
+        self.shadow.as_ref().map(|s| s.report.clone())
+    }
+
+    fn stop_shadow(&mut self) -> Option<(ShadowReport, Arc<LoadedPlugin>)> {
+        self.shadow.take().map(|s| (s.report, s.candidate))
+    }
+}
+
 /// Records handed to the plugin in one `process` call (the batch is split beyond this).
 pub const MAX_RECORDS_PER_CALL: usize = 4096;
 
@@ -296,7 +414,12 @@ impl WasmStage {
             return Ok(StageOutput::default());
         }
         let inputs: Vec<InputRecord> = batch.iter().map(to_input).collect();
-        let failure = match self.call(&inputs) {
+        let started = std::time::Instant::now();
+        let called = self.call(&inputs);
+        if let (Ok(result), Some(_)) = (&called, &self.shadow) {
+            self.run_shadow(&inputs, result, started.elapsed());
+        }
+        let failure = match called {
             Ok(result) => {
                 let mut out = StageOutput::default();
                 match self.collect(batch, result, &mut out) {

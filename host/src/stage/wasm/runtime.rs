@@ -246,6 +246,17 @@ impl PluginRuntime {
 
     /// Compiles (or loads the cached artifact of) a component and type-checks it against the world.
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<Arc<LoadedPlugin>, PluginError> {
+        self.load_stored(name, None, bytes)
+    }
+
+    /// Like [`PluginRuntime::load_bytes`] for a version of the plugin store: dead-letter
+    /// headers and status then say `name@v<version>`.
+    pub fn load_stored(
+        &self,
+        name: &str,
+        store_version: Option<u32>,
+        bytes: &[u8],
+    ) -> Result<Arc<LoadedPlugin>, PluginError> {
         let digest = hex::encode(Sha256::digest(bytes));
         let component = self.component(name, &digest, bytes)?;
         let mismatch = |e: wasmtime::Error| PluginError::WorldMismatch {
@@ -256,7 +267,11 @@ impl PluginRuntime {
         let pre = PluginPre::new(instance_pre).map_err(mismatch)?;
         Ok(Arc::new(LoadedPlugin {
             name: name.to_string(),
-            version: digest[..12].to_string(),
+            version: match store_version {
+                Some(v) => format!("v{v}"),
+                None => digest[..12].to_string(),
+            },
+            store_version,
             digest,
             pre,
         }))
@@ -332,8 +347,10 @@ fn compile_hint(bytes: &[u8], e: &wasmtime::Error) -> String {
 /// A component compiled and type-checked against the plugin world, ready to instantiate.
 pub struct LoadedPlugin {
     pub name: String,
-    /// First 12 hex digits of the component's sha256.
+    /// `v<n>` for a plugin-store version, else the first 12 hex digits of the sha256.
     pub version: String,
+    /// The plugin-store version it was loaded from (none: a file of the pipeline config).
+    pub store_version: Option<u32>,
     pub digest: String,
     pre: PluginPre<HostState>,
 }
@@ -351,6 +368,14 @@ impl LoadedPlugin {
     /// `name@version`, as written in dead-letter headers.
     pub fn id(&self) -> String {
         format!("{}@{}", self.name, self.version)
+    }
+
+    pub fn plugin_ref(&self) -> crate::plugin_store::PluginRef {
+        crate::plugin_store::PluginRef {
+            name: self.name.clone(),
+            version: self.store_version,
+            sha256: self.digest.clone(),
+        }
     }
 
     /// The WASI context: empty (no preopened directories, no environment, no network) except
