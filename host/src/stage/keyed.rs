@@ -4,17 +4,18 @@
 //! Nothing here keeps anything per key in memory: keys live in RocksDB (through
 //! [`StageState`]), so state size is bounded by disk, not RAM.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
 use crate::record::{DeadLetter, Record};
-use crate::state::{StageState, StateError};
+use crate::state::{StageState, StateError, StateTxn};
 
-use super::StageError;
+use super::{BatchContext, StageError, StageOutput};
 
 // ---------------------------------------------------------------------------------------------
 // Config types
@@ -325,12 +326,316 @@ impl Reject {
     }
 }
 
-/// The record's value as JSON.
-pub fn parse_json(record: &Record) -> Result<Value, Reject> {
-    serde_json::from_slice(&record.value).map_err(|e| Reject {
+/// `Ok` values pass; a [`Reject`] becomes a dead letter of `record` (from `stage`) in `out`.
+pub fn or_dead_letter<T>(
+    res: Result<T, Reject>,
+    out: &mut StageOutput,
+    stage: &str,
+    record: &Record,
+) -> Option<T> {
+    match res {
+        Ok(v) => Some(v),
+        Err(reject) => {
+            out.dead_letters
+                .push(reject.into_dead_letter(stage, record));
+            None
+        }
+    }
+}
+
+/// Runs `f` on `stage`'s state for the batch's partition; a state failure fails the batch.
+pub fn with_state<T>(
+    state: &mut StateTxn<'_>,
+    stage: &str,
+    ctx: &BatchContext,
+    f: impl FnOnce(&mut StageState<'_, '_>) -> Result<T, StateError>,
+) -> Result<T, StageError> {
+    let mut st = state.stage(stage, ctx.partition.partition);
+    f(&mut st).map_err(|e| state_error(stage, e))
+}
+
+fn not_json(e: impl fmt::Display) -> Reject {
+    Reject {
         kind: "parse",
         message: format!("value is not JSON: {e}"),
-    })
+    }
+}
+
+/// The record's value as JSON.
+pub fn parse_json(record: &Record) -> Result<Value, Reject> {
+    serde_json::from_slice(&record.value).map_err(not_json)
+}
+
+/// Where a keyed stage finds a record's event time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimeSource {
+    /// A field of the record.
+    Field(EventTimeConfig),
+    /// The Kafka message timestamp.
+    Kafka,
+}
+
+/// Where a keyed stage finds a record's key (and event time): compiled once per stage, so each
+/// record costs one pass over its bytes that builds only the values at the pointers.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
+    key: KeyPointers,
+    time: Option<TimeSource>,
+    paths: PathTree,
+    /// No pointer is a prefix of another: the pointed-at values can be read without the tree.
+    sparse: bool,
+}
+
+impl KeySpec {
+    pub fn new(key: &KeyPointers, time: Option<TimeSource>) -> Self {
+        let mut pointers: Vec<&Pointer> = key.pointers().iter().collect();
+        if let Some(TimeSource::Field(t)) = &time {
+            pointers.push(&t.field);
+        }
+        let mut paths = PathTree::default();
+        let mut sparse = true;
+        for (slot, p) in pointers.iter().enumerate() {
+            sparse &= paths.insert(p, slot);
+        }
+        Self {
+            key: key.clone(),
+            time,
+            paths,
+            sparse,
+        }
+    }
+
+    /// Key and event time (0 without a time source) of a record, read from its bytes. The whole
+    /// value must be JSON; only the pointed-at values are built.
+    pub fn read(&self, record: &Record) -> Result<(Vec<u8>, i64), Reject> {
+        if !self.sparse {
+            return self.read_value(record, &parse_json(record)?);
+        }
+        // Validated up front so that strings the pass skips are UTF-8 too, as in a full parse.
+        let text = std::str::from_utf8(&record.value).map_err(not_json)?;
+        let mut found = vec![None; self.paths.slots.len()];
+        let mut de = serde_json::Deserializer::from_str(text);
+        Seek {
+            node: &self.paths,
+            found: &mut found,
+        }
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(not_json)?;
+        self.finish(record, |slot| found[slot].as_ref())
+    }
+
+    /// The same from an already parsed value.
+    pub fn read_value(&self, record: &Record, value: &Value) -> Result<(Vec<u8>, i64), Reject> {
+        let pointers = self.key.pointers();
+        self.finish(record, |slot| match pointers.get(slot) {
+            Some(p) => value.pointer(p.as_str()),
+            None => match &self.time {
+                Some(TimeSource::Field(t)) => value.pointer(t.field.as_str()),
+                _ => None,
+            },
+        })
+    }
+
+    /// The key of a parsed value.
+    pub fn key_of_value(&self, value: &Value) -> Result<Vec<u8>, Reject> {
+        key_of(value, &self.key)
+    }
+
+    /// Key from slots `0..n`, time from slot `n` (`n` key pointers).
+    fn finish<'v>(
+        &self,
+        record: &Record,
+        at: impl Fn(usize) -> Option<&'v Value>,
+    ) -> Result<(Vec<u8>, i64), Reject> {
+        let pointers = self.key.pointers();
+        let key = key_from_parts(pointers.iter().enumerate().map(|(i, p)| (p, at(i))))?;
+        let ts = match &self.time {
+            None => 0,
+            Some(TimeSource::Field(t)) => time_at(at(pointers.len()), t)?,
+            Some(TimeSource::Kafka) => record.origin.timestamp_ms.ok_or_else(|| {
+                Reject::schema(
+                    "the Kafka message has no timestamp (set `time.field` to use an event-time field)",
+                )
+            })?,
+        };
+        Ok((key, ts))
+    }
+}
+
+/// JSON pointers as a tree of their tokens; `slots` are the outputs at or below a node.
+#[derive(Debug, Clone, Default)]
+struct PathTree {
+    /// Outputs that take this node's value.
+    here: Vec<usize>,
+    /// Every output at or below this node.
+    slots: Vec<usize>,
+    /// (unescaped token, its array index if it is one, subtree).
+    children: Vec<(String, Option<usize>, PathTree)>,
+}
+
+impl PathTree {
+    /// Adds `pointer` as output `slot`. `false` when a pointer lies inside another's value.
+    fn insert(&mut self, pointer: &Pointer, slot: usize) -> bool {
+        let mut node = self;
+        node.slots.push(slot);
+        let mut nested = false;
+        // The same tokens as `serde_json::Value::pointer`.
+        for token in pointer.as_str().split('/').skip(1) {
+            nested |= !node.here.is_empty();
+            let token = token.replace("~1", "/").replace("~0", "~");
+            let i = match node.children.iter().position(|(t, _, _)| *t == token) {
+                Some(i) => i,
+                None => {
+                    let index = array_index(&token);
+                    node.children.push((token, index, PathTree::default()));
+                    node.children.len() - 1
+                }
+            };
+            node = &mut node.children[i].2;
+            node.slots.push(slot);
+        }
+        node.here.push(slot);
+        !nested && node.children.is_empty()
+    }
+
+    fn field(&self, name: &str) -> Option<&PathTree> {
+        self.children
+            .iter()
+            .find(|(t, _, _)| t == name)
+            .map(|(_, _, n)| n)
+    }
+
+    fn element(&self, index: usize) -> Option<&PathTree> {
+        self.children
+            .iter()
+            .find(|(_, i, _)| *i == Some(index))
+            .map(|(_, _, n)| n)
+    }
+}
+
+/// An array index token as `serde_json::Value::pointer` reads it (no sign, no leading zero).
+fn array_index(token: &str) -> Option<usize> {
+    if token.starts_with('+') || (token.starts_with('0') && token.len() != 1) {
+        return None;
+    }
+    token.parse().ok()
+}
+
+/// One pass over a JSON value: builds the values at the tree's leaves and skips everything
+/// else (still checking its syntax).
+struct Seek<'a> {
+    node: &'a PathTree,
+    found: &'a mut [Option<Value>],
+}
+
+impl Seek<'_> {
+    /// Enters `child`: a repeated object key replaces what an earlier one gave, as in a
+    /// `serde_json::Value`.
+    fn enter<'b>(child: &'b PathTree, found: &'b mut [Option<Value>]) -> Seek<'b> {
+        for &s in &child.slots {
+            found[s] = None;
+        }
+        Seek { node: child, found }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Seek<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        match self.node.here.split_first() {
+            Some((&first, rest)) => {
+                let v = Value::deserialize(d)?;
+                for &s in rest {
+                    self.found[s] = Some(v.clone());
+                }
+                self.found[first] = Some(v);
+                Ok(())
+            }
+            None => d.deserialize_any(self),
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for Seek<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    // A scalar where the path goes on: the pointed-at values are missing.
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Seek { node, found } = self;
+        for i in 0.. {
+            let more = match node.element(i) {
+                Some(child) => seq.next_element_seed(Seek::enter(child, found))?.is_some(),
+                None => seq.next_element::<de::IgnoredAny>()?.is_some(),
+            };
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Seek { node, found } = self;
+        while let Some(name) = map.next_key_seed(FieldName)? {
+            match node.field(&name) {
+                Some(child) => map.next_value_seed(Seek::enter(child, found))?,
+                None => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the input unless it has escapes.
+struct FieldName;
+
+impl<'de> DeserializeSeed<'de> for FieldName {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldName {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(s))
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s.to_string()))
+    }
 }
 
 /// Appends one key component, length-prefixed so composite keys cannot collide.
@@ -339,24 +644,33 @@ fn push_component(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-/// The key bytes of `value` at `pointers`. Components compare by text: the string `"42"` and
-/// the number `42` are the same key (Kafka keys are text, JSON ids are often numbers); objects
-/// and arrays compare by their JSON text. A missing or `null` field is an error naming the
-/// pointer.
-pub fn key_of(value: &Value, pointers: &KeyPointers) -> Result<Vec<u8>, Reject> {
+/// Key bytes from the values found at each pointer. Components compare by text: the string
+/// `"42"` and the number `42` are the same key (Kafka keys are text, JSON ids are often
+/// numbers); objects and arrays compare by their JSON text. A missing or `null` field is an
+/// error naming the pointer.
+fn key_from_parts<'v>(
+    parts: impl Iterator<Item = (&'v Pointer, Option<&'v Value>)>,
+) -> Result<Vec<u8>, Reject> {
     let mut out = Vec::with_capacity(32);
-    for p in pointers.pointers() {
-        match value.pointer(p.as_str()) {
+    for (p, v) in parts {
+        match v {
             None => return Err(Reject::schema(format!("key field {p} is missing"))),
             Some(Value::Null) => return Err(Reject::schema(format!("key field {p} is null"))),
             Some(Value::String(s)) => push_component(&mut out, s.as_bytes()),
-            Some(v @ (Value::Number(_) | Value::Bool(_))) => {
-                push_component(&mut out, v.to_string().as_bytes())
-            }
             Some(v) => push_component(&mut out, v.to_string().as_bytes()),
         }
     }
     Ok(out)
+}
+
+/// The key bytes of `value` at `pointers` (see [`key_from_parts`]).
+pub fn key_of(value: &Value, pointers: &KeyPointers) -> Result<Vec<u8>, Reject> {
+    key_from_parts(
+        pointers
+            .pointers()
+            .iter()
+            .map(|p| (p, value.pointer(p.as_str()))),
+    )
 }
 
 /// A single-component key from raw bytes (a Kafka message key).
@@ -368,8 +682,13 @@ pub fn key_from_bytes(bytes: &[u8]) -> Vec<u8> {
 
 /// Event time in epoch milliseconds.
 pub fn event_time(value: &Value, cfg: &EventTimeConfig) -> Result<i64, Reject> {
+    time_at(value.pointer(cfg.field.as_str()), cfg)
+}
+
+/// Event time in epoch milliseconds from the value found at the time field.
+fn time_at(found: Option<&Value>, cfg: &EventTimeConfig) -> Result<i64, Reject> {
     let p = &cfg.field;
-    let v = match value.pointer(p.as_str()) {
+    let v = match found {
         None => return Err(Reject::schema(format!("time field {p} is missing"))),
         Some(v) => v,
     };
@@ -455,7 +774,7 @@ pub fn put_i64(st: &mut StageState<'_, '_>, key: &[u8], v: i64) {
 }
 
 /// `StageError` for a state failure (the batch is retried).
-pub fn state_error(stage: &str, e: impl fmt::Display) -> StageError {
+fn state_error(stage: &str, e: impl fmt::Display) -> StageError {
     StageError::new(stage, format!("state: {e}"))
 }
 
@@ -600,6 +919,77 @@ mod tests {
         assert_eq!(e, Reject::schema("key field /b is missing"));
         let e = key_of(&json!({"a": null, "b": 1}), &p2).unwrap_err();
         assert_eq!(e.message, "key field /a is null");
+    }
+
+    #[test]
+    fn key_spec_reads_bytes_like_a_full_parse() {
+        let ptrs = |ps: &[&str]| {
+            KeyPointers::new(ps.iter().map(|p| Pointer::parse(p).unwrap()).collect()).unwrap()
+        };
+        let time = |p: &str| {
+            Some(TimeSource::Field(EventTimeConfig {
+                field: Pointer::parse(p).unwrap(),
+                format: TimeFormat::Auto,
+            }))
+        };
+        let specs = [
+            KeySpec::new(&ptrs(&["/id"]), time("/ts")),
+            KeySpec::new(
+                &ptrs(&["/a/b", "/list/1", "/x~1y", "/t~0"]),
+                time("/meta/ts"),
+            ),
+            KeySpec::new(&ptrs(&["/id", "/id"]), Some(TimeSource::Kafka)),
+            // `/a` holds `/a/b`: read from the whole tree.
+            KeySpec::new(&ptrs(&["/a", "/a/b"]), None),
+            KeySpec::new(&ptrs(&["/list/01", "/list/+1"]), None),
+        ];
+        assert!(specs[0].sparse && specs[1].sparse && !specs[3].sparse);
+        let inputs: &[&[u8]] = &[
+            br#"{"id":"k1","ts":5}"#,
+            br#"{"id":42,"ts":"2026-11-23T10:00:00Z","other":{"deep":[1,2,{"id":0}]}}"#,
+            br#"{"id":"first","id":"second","ts":1}"#,
+            br#"{"a":{"b":"x"},"a":7,"ts":1}"#,
+            br#"{"a":{"b":{"c":[1,"two"]}},"list":["z",true,null],"x/y":1.5,"t~":"\u00e9","meta":{"ts":9}}"#,
+            br#"{"a":{"b":null},"list":[0,{"k":1}],"x/y":"s","t~":false,"meta":{"ts":"bad"}}"#,
+            br#"{"id":"esc\"aped\n","ts":1,"skip":"\ud83d\ude00 and \\ more"}"#,
+            br#"{"list":{"1":"object, not array"},"id":[1,{"b":2}],"ts":3}"#,
+            br#"["not","an","object"]"#,
+            br#"{"id":"k","ts":1} trailing"#,
+            br#"{"id":"k","ts":1"#,
+            b"{\"id\":\"k\",\"skip\":\"\xff\",\"ts\":1}",
+            b"\xff\xfe not even utf-8",
+        ];
+        let rec = |input: &[u8]| Record {
+            value: bytes::Bytes::copy_from_slice(input),
+            ..crate::stage::dedup::tests::record("t", 0, 0, Value::Null)
+        };
+        for spec in &specs {
+            for input in inputs {
+                let r = rec(input);
+                let full = parse_json(&r).and_then(|v| spec.read_value(&r, &v));
+                let sparse = spec.read(&r);
+                match (&full, &sparse) {
+                    // The same kind; serde_json's wording for bad UTF-8 differs from std's.
+                    (Err(a), Err(b)) if a.kind == "parse" => {
+                        assert_eq!(b.kind, "parse", "{}", String::from_utf8_lossy(input))
+                    }
+                    _ => assert_eq!(
+                        full,
+                        sparse,
+                        "{spec:?} on {}",
+                        String::from_utf8_lossy(input)
+                    ),
+                }
+            }
+        }
+        // A number beyond f64 is refused where it is read; where it is skipped it is not
+        // looked at (the sink still checks the row).
+        let big = rec(br#"{"id":1e400,"ts":1}"#);
+        assert_eq!(specs[0].read(&big).unwrap_err().kind, "parse");
+        assert_eq!(
+            specs[1].read(&big).unwrap_err().message,
+            "key field /a/b is missing"
+        );
     }
 
     #[test]

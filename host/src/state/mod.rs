@@ -63,6 +63,11 @@ pub struct PartitionJournal {
     pub next_offset: Option<i64>,
     /// The batch in flight when the process stopped, if any.
     pub pending: Option<PendingBatch>,
+    /// Set by a rewind: offsets below it were delivered to ClickHouse before, so a record
+    /// met again below it is a re-delivery (stages such as dedup drop it rather than treat it
+    /// as a first occurrence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redelivered_below: Option<i64>,
 }
 
 /// Memory knobs of the state store (RocksDB block cache and write buffers).
@@ -207,10 +212,14 @@ impl StateStore {
         let mut j = self.journal(pk)?;
         j.pending = Some(PendingBatch { first, last });
         let key = Self::partition_key(pk);
-        let mut batch = txn.into_write_batch(self.cf(CF_STAGE)?);
+        let (mut batch, hooks) = txn.into_write_batch(self.cf(CF_STAGE)?);
         batch.put_cf(self.cf(CF_JOURNAL)?, &key, Self::journal_bytes(pk, &j)?);
         batch.put_cf(self.cf(CF_OUTBOX)?, &key, outbox.encode());
-        self.write(batch, true)
+        self.write(batch, true)?;
+        for hook in hooks {
+            hook();
+        }
+        Ok(())
     }
 
     /// The output of the batch in flight on `pk`, if it was fixed before a stop.
@@ -242,17 +251,69 @@ impl StateStore {
         self.write(batch, false)
     }
 
-    /// Forgets everything about a partition's progress (used by rewinds).
-    pub fn reset_partition(&self, pk: &PartitionKey) -> Result<(), StateError> {
+    /// Prepares a partition for a rewind: forgets its progress (so rewound records are not
+    /// skipped as already inserted) and remembers how far it had been delivered, returned.
+    /// A batch still in flight must have been finished first (see `sluice rewind`).
+    pub fn rewind_partition(&self, pk: &PartitionKey) -> Result<Option<i64>, StateError> {
+        let old = self.journal(pk)?;
+        // A batch fixed in the journal may have landed: its records count as delivered (the
+        // stages' state already includes them).
+        let pending = old.pending.map(|b| b.last + 1);
+        let horizon = old.next_offset.max(old.redelivered_below).max(pending);
+        let j = PartitionJournal {
+            next_offset: None,
+            pending: None,
+            redelivered_below: horizon,
+        };
         let key = Self::partition_key(pk);
         let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_JOURNAL)?, &key);
+        batch.put_cf(self.cf(CF_JOURNAL)?, &key, Self::journal_bytes(pk, &j)?);
         batch.delete_cf(self.cf(CF_OUTBOX)?, &key);
-        self.write(batch, true)
+        self.write(batch, true)?;
+        Ok(horizon)
     }
 
     fn stage_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
         Ok(self.db.get_cf(self.cf(CF_STAGE)?, key)?)
+    }
+
+    /// Committed values of `keys`, in one batched lookup (RocksDB `MultiGet`: keys that share
+    /// files, filter partitions and blocks are looked up together).
+    fn stage_get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sorted = keys.is_sorted();
+        self.db
+            .batched_multi_get_cf(self.cf(CF_STAGE)?, keys, sorted)
+            .into_iter()
+            .map(|r| Ok(r?.map(|v| v.to_vec())))
+            .collect()
+    }
+
+    /// Calls `f` on each committed stage entry with key in `[start, end)` (empty `end`: no upper
+    /// bound), in key order, one at a time.
+    fn stage_for_each(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let mut opts = rocksdb::ReadOptions::default();
+        if !end.is_empty() {
+            opts.set_iterate_upper_bound(end.to_vec());
+        }
+        // A bulk scan: keep it from evicting the lookups' working set, and read ahead.
+        opts.fill_cache(false);
+        opts.set_readahead_size(2 * 1024 * 1024);
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_STAGE)?, opts);
+        it.seek(start);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            f(k, v)?;
+            it.next();
+        }
+        it.status()?;
+        Ok(())
     }
 
     /// Committed stage entries with keys in `[start, end)`.
@@ -314,6 +375,20 @@ mod tests {
             txn.stage("dedup", 3).get(b"k").expect("get"),
             Some(b"v".to_vec())
         );
+        // Hooks run only when their transaction's write succeeds.
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for commit in [false, true] {
+            let mut txn = s.txn();
+            let r = ran.clone();
+            txn.on_commit(move || {
+                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+            if commit {
+                s.begin_batch(&pk(), 10, 19, txn, &Outbox::default())
+                    .expect("begin");
+            }
+        }
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
         s.complete_batch(&pk(), 19).expect("complete");
         let j = s.journal(&pk()).expect("read");
         assert_eq!(j.pending, None);

@@ -7,10 +7,14 @@ use rocksdb::{ColumnFamily, WriteBatch};
 
 use super::{Entries, StateError, StateStore};
 
+/// Runs once the transaction's write is durable (see [`StateTxn::on_commit`]).
+pub(super) type CommitHook = Box<dyn FnOnce() + Send>;
+
 /// Reads see committed state plus this transaction's own writes.
 pub struct StateTxn<'s> {
     store: &'s StateStore,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    hooks: Vec<CommitHook>,
 }
 
 impl<'s> StateTxn<'s> {
@@ -18,7 +22,14 @@ impl<'s> StateTxn<'s> {
         Self {
             store,
             overlay: BTreeMap::new(),
+            hooks: Vec::new(),
         }
+    }
+
+    /// Runs `f` after this transaction's synced write succeeded, never if it is dropped: how a
+    /// stage keeps an in-memory view equal to committed state.
+    pub fn on_commit(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.hooks.push(Box::new(f));
     }
 
     /// The state of `stage` for source partition number `partition`. Co-partitioned topics (a
@@ -34,7 +45,18 @@ impl<'s> StateTxn<'s> {
         self.overlay.is_empty()
     }
 
-    pub(super) fn into_write_batch(self, cf: &ColumnFamily) -> WriteBatch {
+    /// Offsets of `partition` below this were delivered before a rewind (see
+    /// [`super::PartitionJournal::redelivered_below`]): a record met again below it is a
+    /// re-delivery, not a first occurrence.
+    pub fn redelivered_below(
+        &self,
+        partition: &crate::stage::PartitionKey,
+    ) -> Result<Option<i64>, StateError> {
+        Ok(self.store.journal(partition)?.redelivered_below)
+    }
+
+    /// The writes, and the hooks to run once they are durable.
+    pub(super) fn into_write_batch(self, cf: &ColumnFamily) -> (WriteBatch, Vec<CommitHook>) {
         let mut b = WriteBatch::default();
         for (k, v) in self.overlay {
             match v {
@@ -42,7 +64,7 @@ impl<'s> StateTxn<'s> {
                 None => b.delete_cf(cf, k),
             }
         }
-        b
+        (b, self.hooks)
     }
 }
 
@@ -78,6 +100,50 @@ impl StageState<'_, '_> {
             Some(v) => Ok(v.clone()),
             None => self.txn.store.stage_get(&full),
         }
+    }
+
+    /// Values of many keys, as [`StageState::get`] each, with one batched RocksDB read for the
+    /// keys this transaction has not written (sorted keys read fastest).
+    pub fn get_many<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        let mut out = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        let mut at = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let full = self.full(key.as_ref());
+            match self.txn.overlay.get(&full) {
+                Some(v) => out.push(v.clone()),
+                None => {
+                    out.push(None);
+                    missing.push(full);
+                    at.push(i);
+                }
+            }
+        }
+        for (i, v) in at.into_iter().zip(self.txn.store.stage_get_many(&missing)?) {
+            out[i] = v;
+        }
+        Ok(out)
+    }
+
+    /// See [`StateTxn::on_commit`].
+    pub fn on_commit(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.txn.on_commit(f);
+    }
+
+    /// Committed entries (this transaction's writes excluded) whose relative key starts with
+    /// `prefix`, streamed in key order to `f`: rebuilds in-memory views of large state without
+    /// holding it all at once.
+    pub fn for_each_committed(
+        &self,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let start = self.full(prefix);
+        let end = prefix_end(&start).unwrap_or_default();
+        let n = self.prefix.len();
+        self.txn
+            .store
+            .stage_for_each(&start, &end, |k, v| f(&k[n..], v))
     }
 
     pub fn put(&mut self, key: &[u8], value: &[u8]) {
@@ -152,6 +218,44 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, vec![b"k1".to_vec(), b"k3".to_vec()]);
+    }
+
+    #[test]
+    fn get_many_sees_committed_state_and_own_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        let mut txn = store.txn();
+        txn.stage("s", 0).put(b"a", b"1");
+        txn.stage("s", 0).put(b"b", b"2");
+        txn.stage("s", 1).put(b"c", b"other partition");
+        let pk = crate::stage::PartitionKey {
+            topic: "t".into(),
+            partition: 0,
+        };
+        store
+            .begin_batch(&pk, 0, 0, txn, &super::super::Outbox::default())
+            .expect("commit");
+        let mut txn = store.txn();
+        let mut st = txn.stage("s", 0);
+        st.put(b"c", b"3");
+        st.delete(b"a");
+        let got = st
+            .get_many(&[&b"a"[..], b"b", b"c", b"d", b"b"])
+            .expect("get_many");
+        let want: Vec<Option<Vec<u8>>> = vec![
+            None,
+            Some(b"2".to_vec()),
+            Some(b"3".to_vec()),
+            None,
+            Some(b"2".to_vec()),
+        ];
+        assert_eq!(got, want);
+        for k in [&b"a"[..], b"b", b"c", b"d"] {
+            assert_eq!(
+                st.get(k).expect("get"),
+                st.get_many(&[k]).expect("get_many")[0]
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The dedup stage: keeps the first record per key within a time window and drops the rest.
 //!
-//! State, per stage and partition (nothing per key is kept in memory):
+//! State in RocksDB, per stage and partition:
 //! - `K` + key → where and when the key was first seen (event time, topic, partition, offset);
 //! - `T` + time + key → nothing: the time index, swept oldest first as the watermark moves;
 //! - `W` → the watermark: the largest event time seen on the partition;
@@ -11,18 +11,30 @@
 //! when the sweep ran. A record at the exact position where its key was first seen is that first
 //! occurrence again (a rewound partition), never its own duplicate. Records older than
 //! `watermark - window` cannot be checked (their key may already be forgotten) and pass.
+//!
+//! Lookups do not read RocksDB: each partition's `K` entries are mirrored in memory as
+//! fingerprint → (first-seen time, position tag) (see [`index`]), loaded from the state on the
+//! partition's first batch after start and changed only when a batch's state commits. Only a
+//! record whose position tag matches its key's first sighting (a likely replay) reads its entry.
 
 pub mod config;
+mod index;
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::record::Record;
 use crate::state::{StageState, StateError, StateTxn};
 
 use super::keyed::{
-    event_time, get_i64, key_of, parse_json, put_i64, state_error, ts_bytes, ts_from_bytes, Reject,
-    Sweeper,
+    get_i64, or_dead_letter, put_i64, ts_bytes, ts_from_bytes, with_state, KeySpec, Sweeper,
+    TimeSource,
 };
 use super::{BatchContext, Stage, StageError, StageOutput};
 pub use config::DedupConfig;
+use index::{Changes, FingerprintMap, Hashes, PartitionIndex, Seen};
 
 const WATERMARK: &[u8] = b"W";
 const CURSOR: &[u8] = b"C";
@@ -31,24 +43,33 @@ const INDEX: u8 = b'T';
 
 /// Where and when a key was first seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct FirstSeen {
+struct FirstSeen<'a> {
     ts: i64,
     partition: i32,
     offset: i64,
-    topic: Vec<u8>,
+    topic: &'a [u8],
 }
 
-impl FirstSeen {
+impl<'a> FirstSeen<'a> {
+    fn of(r: &'a Record, ts: i64) -> Self {
+        Self {
+            ts,
+            partition: r.origin.partition,
+            offset: r.origin.offset,
+            topic: r.origin.topic.as_bytes(),
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(20 + self.topic.len());
         v.extend_from_slice(&ts_bytes(self.ts));
         v.extend_from_slice(&self.partition.to_be_bytes());
         v.extend_from_slice(&self.offset.to_be_bytes());
-        v.extend_from_slice(&self.topic);
+        v.extend_from_slice(self.topic);
         v
     }
 
-    fn decode(v: &[u8]) -> Option<Self> {
+    fn decode(v: &'a [u8]) -> Option<Self> {
         if v.len() < 20 {
             return None;
         }
@@ -56,8 +77,16 @@ impl FirstSeen {
             ts: ts_from_bytes(&v[..8])?,
             partition: i32::from_be_bytes(v[8..12].try_into().ok()?),
             offset: i64::from_be_bytes(v[12..20].try_into().ok()?),
-            topic: v[20..].to_vec(),
+            topic: &v[20..],
         })
+    }
+
+    /// What the in-memory index keeps of it.
+    fn tag(&self) -> Seen {
+        Seen::new(
+            self.ts,
+            Hashes::position(self.topic, self.partition, self.offset),
+        )
     }
 
     fn is_position_of(&self, r: &Record) -> bool {
@@ -67,6 +96,7 @@ impl FirstSeen {
     }
 }
 
+/// `K` + key: the state key of a dedup key (the key itself is `entry[1..]`).
 fn key_entry(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + key.len());
     k.push(KEY);
@@ -82,40 +112,78 @@ fn index_entry(ts: i64, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The in-memory indexes of one stage, per partition number (the state namespace).
+type Indexes = HashMap<i32, PartitionIndex>;
+
 pub struct DedupStage {
     name: String,
-    cfg: DedupConfig,
+    spec: KeySpec,
     window_ms: i64,
     sweeper: Sweeper,
+    hashes: Hashes,
+    /// Shared with the commit hooks of this stage's batches, which alone change it.
+    index: Arc<Mutex<Indexes>>,
+    /// Of the batch being processed: offsets below this were delivered before a rewind.
+    redelivered_below: Option<i64>,
 }
 
 impl DedupStage {
     pub fn new(name: &str, cfg: &DedupConfig) -> Self {
+        let time = match &cfg.time {
+            Some(t) => TimeSource::Field(t.clone()),
+            None => TimeSource::Kafka,
+        };
         Self {
             name: name.to_string(),
+            spec: KeySpec::new(&cfg.key, Some(time)),
             window_ms: cfg.window.as_millis_i64(),
-            cfg: cfg.clone(),
             sweeper: Sweeper::default(),
+            hashes: Hashes::random(),
+            index: Arc::new(Mutex::new(HashMap::new())),
+            redelivered_below: None,
         }
     }
 
-    fn key_and_time(&self, r: &Record) -> Result<(Vec<u8>, i64), Reject> {
-        let v = parse_json(r)?;
-        let key = key_of(&v, &self.cfg.key)?;
-        let ts = match &self.cfg.time {
-            Some(t) => event_time(&v, t)?,
-            None => r.origin.timestamp_ms.ok_or_else(|| {
-                Reject::schema(
-                    "the Kafka message has no timestamp (set `time.field` to use an event-time field)",
-                )
-            })?,
-        };
-        Ok((key, ts))
+    /// The committed keys of `partition`, read from the state the first time it is used.
+    fn partition_index<'i>(
+        &self,
+        indexes: &'i mut Indexes,
+        partition: i32,
+        st: &StageState<'_, '_>,
+    ) -> Result<&'i PartitionIndex, StateError> {
+        if let Entry::Vacant(slot) = indexes.entry(partition) {
+            let started = Instant::now();
+            let mut index = PartitionIndex::default();
+            st.for_each_committed(&[KEY], |k, v| {
+                let seen = FirstSeen::decode(v).ok_or_else(|| self.corrupt())?;
+                index.insert(self.hashes.key(&k[1..]), seen.tag());
+                Ok(())
+            })?;
+            tracing::info!(
+                stage = %self.name,
+                partition,
+                keys = index.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "dedup index loaded from state"
+            );
+            slot.insert(index);
+        }
+        indexes
+            .get(&partition)
+            .ok_or_else(|| StateError::Io("dedup index vanished".into()))
+    }
+
+    fn corrupt(&self) -> StateError {
+        StateError::Corrupt {
+            key: format!("{} dedup entry", self.name),
+            message: "truncated".into(),
+        }
     }
 
     fn run(
         &mut self,
         batch: Vec<Record>,
+        partition: i32,
         st: &mut StageState<'_, '_>,
     ) -> Result<StageOutput, StateError> {
         let mut out = StageOutput::default();
@@ -124,14 +192,19 @@ impl DedupStage {
         let old_cursor = get_i64(st, CURSOR)?;
         let (mut wm, mut cursor) = (old_wm, old_cursor);
         let budget = (batch.len() * 2).max(4_096);
+
+        let shared = self.index.clone();
+        let mut indexes = shared
+            .lock()
+            .map_err(|_| StateError::Io("dedup index poisoned by an earlier panic".into()))?;
+        let index = self.partition_index(&mut indexes, partition, st)?;
+        // This batch's inserts: the index changes only when the batch commits.
+        let mut fresh: FingerprintMap<Seen> = FingerprintMap::default();
+
         for r in batch {
-            let (key, ts) = match self.key_and_time(&r) {
-                Ok(kt) => kt,
-                Err(reject) => {
-                    out.dead_letters
-                        .push(reject.into_dead_letter(&self.name, &r));
-                    continue;
-                }
+            let read = self.spec.read(&r);
+            let Some((key, ts)) = or_dead_letter(read, &mut out, &self.name, &r) else {
+                continue;
             };
             let w = wm.map_or(ts, |w| w.max(ts));
             wm = Some(w);
@@ -143,35 +216,47 @@ impl DedupStage {
                 out.records.push(r);
                 continue;
             }
-            let k = key_entry(&key);
-            if let Some(v) = st.get(&k)? {
-                let seen = FirstSeen::decode(&v).ok_or_else(|| StateError::Corrupt {
-                    key: format!("{} dedup entry", self.name),
-                    message: "truncated".into(),
-                })?;
-                if seen.ts >= oldest_live {
-                    if seen.is_position_of(&r) {
-                        out.records.push(r);
-                    } else {
-                        duplicates += 1;
+            let fp = self.hashes.key(&key);
+            let mut known = fresh.get(&fp).copied().or_else(|| index.get(&fp));
+            if known.is_some_and(|seen| seen.ts() >= oldest_live && seen.at() == tag_of(&r)) {
+                // Perhaps this very record read again (a rewound partition): the stored
+                // position decides. Absent means the fingerprint was another key's.
+                match st.get(&key_entry(&key))? {
+                    Some(v) => {
+                        let seen = FirstSeen::decode(&v).ok_or_else(|| self.corrupt())?;
+                        // Its own first occurrence: delivered already if the partition was
+                        // rewound past it (a re-delivery), else not yet (pass it on).
+                        let delivered = self.redelivered_below.is_some_and(|h| r.origin.offset < h);
+                        if seen.is_position_of(&r) && !delivered {
+                            out.records.push(r);
+                        } else {
+                            duplicates += 1;
+                        }
+                        continue;
                     }
+                    None => known = None,
+                }
+            }
+            if let Some(seen) = known {
+                if seen.ts() >= oldest_live {
+                    duplicates += 1;
                     continue;
                 }
-                st.delete(&index_entry(seen.ts, &key));
+                st.delete(&index_entry(seen.ts(), &key));
                 expired += 1;
             }
-            let seen = FirstSeen {
-                ts,
-                partition: r.origin.partition,
-                offset: r.origin.offset,
-                topic: r.origin.topic.as_bytes().to_vec(),
-            };
-            st.put(&k, &seen.encode());
+            let first = FirstSeen::of(&r, ts);
+            st.put(&key_entry(&key), &first.encode());
             st.put(&index_entry(ts, &key), b"");
+            fresh.insert(fp, first.tag());
             cursor = Some(cursor.map_or(ts, |c| c.min(ts)));
             out.records.push(r);
         }
 
+        let mut changes = Changes {
+            inserted: fresh.into_iter().collect(),
+            removed: Vec::new(),
+        };
         if let (Some(w), Some(c)) = (wm, cursor) {
             let cutoff = w.saturating_sub(self.window_ms);
             if c < cutoff {
@@ -179,10 +264,22 @@ impl DedupStage {
                 for e in entries {
                     st.delete(&index_entry(e.ts, &e.rest));
                     st.delete(&key_entry(&e.rest));
+                    changes.removed.push(self.hashes.key(&e.rest));
                     expired += 1;
                 }
                 cursor = Some(next);
             }
+        }
+        drop(indexes);
+        if !changes.is_empty() {
+            st.on_commit(move || {
+                // A poisoned lock fails the next batch, and the run restarts with a fresh index.
+                if let Ok(mut indexes) = shared.lock() {
+                    if let Some(index) = indexes.get_mut(&partition) {
+                        changes.apply(index);
+                    }
+                }
+            });
         }
         if wm != old_wm {
             if let Some(w) = wm {
@@ -201,6 +298,15 @@ impl DedupStage {
     }
 }
 
+/// The position tag of a record (see [`Hashes::position`]).
+fn tag_of(r: &Record) -> u32 {
+    Hashes::position(
+        r.origin.topic.as_bytes(),
+        r.origin.partition,
+        r.origin.offset,
+    )
+}
+
 impl Stage for DedupStage {
     fn name(&self) -> &str {
         &self.name
@@ -212,10 +318,13 @@ impl Stage for DedupStage {
         ctx: &BatchContext,
         state: &mut StateTxn<'_>,
     ) -> Result<StageOutput, StageError> {
-        let name = self.name.clone();
-        let mut st = state.stage(&name, ctx.partition.partition);
-        self.run(batch, &mut st)
-            .map_err(|e| state_error(&self.name, e))
+        let partition = ctx.partition.partition;
+        self.redelivered_below = state
+            .redelivered_below(&ctx.partition)
+            .map_err(|e| StageError::new(&self.name, e.to_string()))?;
+        with_state(state, &self.name.clone(), ctx, |st| {
+            self.run(batch, partition, st)
+        })
     }
 }
 
@@ -484,6 +593,81 @@ pub(crate) mod tests {
         assert_eq!(keys, index);
         assert!(keys <= 101, "{keys} keys left");
         assert!(keys >= 100, "{keys} keys left");
+        // The sweep removed the expired keys from memory too.
+        assert_eq!(index_len(&s, 0), keys);
+    }
+
+    fn index_len(s: &DedupStage, partition: i32) -> usize {
+        s.index
+            .lock()
+            .unwrap()
+            .get(&partition)
+            .map_or(0, PartitionIndex::len)
+    }
+
+    #[test]
+    fn the_index_holds_only_committed_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("key: /id\nwindow: 1h\ntime: {field: /ts}\n");
+        run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![record("t", 0, 0, ev("a", BASE))],
+        );
+        // A batch whose state is never written (a later stage failed, or a crash): its keys
+        // must not count as seen.
+        {
+            let mut txn = store.txn();
+            let out = s
+                .process(
+                    vec![
+                        record("t", 0, 1, ev("b", BASE)),
+                        record("t", 0, 2, ev("a", BASE)),
+                    ],
+                    &ctx("t", 0),
+                    &mut txn,
+                )
+                .unwrap();
+            assert_eq!(ids(&out), ["b"]);
+        }
+        assert_eq!(index_len(&s, 0), 1);
+        // Read again from other offsets: had the index kept `b`, it would now be dropped.
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![
+                record("t", 0, 3, ev("b", BASE)),
+                record("t", 0, 4, ev("a", BASE)),
+            ],
+        );
+        assert_eq!(ids(&out), ["b"]);
+        assert_eq!(index_len(&s, 0), 2);
+    }
+
+    #[test]
+    fn a_fresh_stage_loads_the_index_and_decides_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let yaml = "key: [/id, /src]\nwindow: 1h\ntime: {field: /ts}\n";
+        let r = |o, id: &str| record("t", 2, o, json!({"id": id, "src": "x", "ts": BASE}));
+        let batch = || vec![r(0, "a"), r(1, "b"), r(2, "a"), r(3, "c")];
+        let mut first = stage(yaml);
+        assert_eq!(
+            ids(&run_batch(&store, &mut first, false, batch())),
+            ["a", "b", "c"]
+        );
+        // A restart: another instance (another fingerprint seed) and the same records again,
+        // as a rewound partition delivers them: the first occurrences pass again.
+        let mut again = stage(yaml);
+        let out = run_batch(&store, &mut again, false, batch());
+        assert_eq!(ids(&out), ["a", "b", "c"]);
+        assert_eq!(counter(&out, "duplicates"), 1);
+        assert_eq!(index_len(&again, 2), 3);
+        let out = run_batch(&store, &mut again, false, vec![r(4, "b"), r(5, "d")]);
+        assert_eq!(ids(&out), ["d"]);
     }
 
     #[test]

@@ -29,23 +29,69 @@ use serde_json::Value;
 
 use crate::record::Record;
 use crate::stage::keyed::{
-    event_time, get_i64, key_of, parse_json, put_i64, state_error, ts_bytes, ts_from_bytes,
-    IndexEntry, OutputShape, Reject, Sweeper,
+    get_i64, or_dead_letter, parse_json, put_i64, ts_bytes, ts_from_bytes, with_state,
+    EventTimeConfig, IndexEntry, KeySpec, OutputShape, Reject, Sweeper, TimeSource,
 };
 use crate::stage::{BatchContext, Stage, StageError, StageOutput};
-use crate::state::{StageState, StateError, StateTxn};
+use crate::state::{Entries, StageState, StateError, StateTxn};
 
 use super::codec;
 use super::config::{IntervalJoinConfig, JoinMode};
 
-const LEFT: u8 = b'L';
-const RIGHT: u8 = b'R';
-const LEFT_INDEX: u8 = b'X';
-const RIGHT_INDEX: u8 = b'Y';
-const WM_LEFT: &[u8] = b"WL";
-const WM_RIGHT: &[u8] = b"WR";
-const CURSOR_LEFT: &[u8] = b"CX";
-const CURSOR_RIGHT: &[u8] = b"CY";
+/// The two inputs of the join. State tags, watermark and cursor keys per side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Left = 0,
+    Right = 1,
+}
+
+impl Side {
+    const BOTH: [Side; 2] = [Side::Left, Side::Right];
+
+    fn name(self) -> &'static str {
+        match self {
+            Side::Left => "left",
+            Side::Right => "right",
+        }
+    }
+
+    fn other(self) -> Side {
+        match self {
+            Side::Left => Side::Right,
+            Side::Right => Side::Left,
+        }
+    }
+
+    /// `tag` + key + time + position → the buffered record.
+    fn data(self) -> u8 {
+        match self {
+            Side::Left => b'L',
+            Side::Right => b'R',
+        }
+    }
+
+    /// `tag` + time + key + position: the expiry index.
+    fn index(self) -> u8 {
+        match self {
+            Side::Left => b'X',
+            Side::Right => b'Y',
+        }
+    }
+
+    fn watermark_key(self) -> &'static [u8] {
+        match self {
+            Side::Left => b"WL",
+            Side::Right => b"WR",
+        }
+    }
+
+    fn cursor_key(self) -> &'static [u8] {
+        match self {
+            Side::Left => b"CX",
+            Side::Right => b"CY",
+        }
+    }
+}
 
 /// `tag` + key length + key + time + position: all records of a key, in time order.
 fn data_key(tag: u8, key: &[u8], ts: i64, pos: &[u8]) -> Vec<u8> {
@@ -83,11 +129,20 @@ fn split_data_key(k: &[u8], key_len: usize) -> Option<(i64, &[u8])> {
     Some((ts, &k[at + 8..]))
 }
 
-/// Data keys of `key` with time in `[lo, hi]`.
-fn time_range(tag: u8, key: &[u8], lo: i64, hi: i64) -> (Vec<u8>, Vec<u8>) {
-    let start = data_key(tag, key, lo, b"");
-    let end = data_key(tag, key, hi.saturating_add(1), b"");
+/// Data keys of `key` on `side` with time in `[lo, hi]`.
+fn time_range(side: Side, key: &[u8], lo: i64, hi: i64) -> (Vec<u8>, Vec<u8>) {
+    let start = data_key(side.data(), key, lo, b"");
+    let end = data_key(side.data(), key, hi.saturating_add(1), b"");
     (start, end)
+}
+
+/// A record that passed the lateness check, with what the join reads from it.
+struct Arrival<'a> {
+    record: &'a Record,
+    value: Value,
+    key: Vec<u8>,
+    ts: i64,
+    pos: Vec<u8>,
 }
 
 /// A record's place in its source: offset, a sequence number among the outputs of the same
@@ -110,82 +165,90 @@ fn corrupt(stage: &str, what: &str) -> StateError {
 pub struct IntervalJoinStage {
     name: String,
     cfg: IntervalJoinConfig,
+    /// Key and event time of each side.
+    specs: [KeySpec; 2],
     shape: OutputShape,
     before: i64,
     after: i64,
     lateness: i64,
-    left_sweeper: Sweeper,
-    right_sweeper: Sweeper,
+    sweepers: [Sweeper; 2],
 }
 
-/// Per-batch view of the side watermarks and cursors, written back once at the end.
+/// Per-batch view of the side watermarks and sweep cursors (indexed by [`Side`]), written
+/// back once at the end.
 struct Marks {
-    left: Option<i64>,
-    right: Option<i64>,
-    cursor_left: Option<i64>,
-    cursor_right: Option<i64>,
-    old: [Option<i64>; 4],
+    watermark: [Option<i64>; 2],
+    cursor: [Option<i64>; 2],
+    old: ([Option<i64>; 2], [Option<i64>; 2]),
 }
 
 impl Marks {
     fn load(st: &StageState<'_, '_>) -> Result<Self, StateError> {
-        let old = [
-            get_i64(st, WM_LEFT)?,
-            get_i64(st, WM_RIGHT)?,
-            get_i64(st, CURSOR_LEFT)?,
-            get_i64(st, CURSOR_RIGHT)?,
-        ];
+        let (mut watermark, mut cursor) = ([None; 2], [None; 2]);
+        for side in Side::BOTH {
+            watermark[side as usize] = get_i64(st, side.watermark_key())?;
+            cursor[side as usize] = get_i64(st, side.cursor_key())?;
+        }
         Ok(Self {
-            left: old[0],
-            right: old[1],
-            cursor_left: old[2],
-            cursor_right: old[3],
-            old,
+            watermark,
+            cursor,
+            old: (watermark, cursor),
         })
     }
 
     fn store(&self, st: &mut StageState<'_, '_>) {
-        let now = [self.left, self.right, self.cursor_left, self.cursor_right];
-        for (i, key) in [WM_LEFT, WM_RIGHT, CURSOR_LEFT, CURSOR_RIGHT]
-            .iter()
-            .enumerate()
-        {
-            if now[i] != self.old[i] {
-                if let Some(v) = now[i] {
+        for side in Side::BOTH {
+            let i = side as usize;
+            for (now, old, key) in [
+                (self.watermark[i], self.old.0[i], side.watermark_key()),
+                (self.cursor[i], self.old.1[i], side.cursor_key()),
+            ] {
+                if let Some(v) = now.filter(|_| now != old) {
                     put_i64(st, key, v);
                 }
             }
         }
     }
-}
 
-fn lower(cursor: &mut Option<i64>, ts: i64) {
-    *cursor = Some(cursor.map_or(ts, |c| c.min(ts)));
+    /// Records a new record of `side` at `ts` (buffered, so the sweep must reach it).
+    fn add(&mut self, side: Side, ts: i64) {
+        let i = side as usize;
+        self.watermark[i] = Some(self.watermark[i].map_or(ts, |w| w.max(ts)));
+        self.cursor[i] = Some(self.cursor[i].map_or(ts, |c| c.min(ts)));
+    }
 }
 
 impl IntervalJoinStage {
     /// `cfg` must have passed [`super::JoinConfig::check`].
     pub fn new(name: &str, cfg: &IntervalJoinConfig) -> Result<Self, String> {
+        let spec =
+            |key, time: &EventTimeConfig| KeySpec::new(key, Some(TimeSource::Field(time.clone())));
         Ok(Self {
             name: name.to_string(),
+            specs: [
+                spec(&cfg.left_key, &cfg.left_time),
+                spec(&cfg.right_key, &cfg.right_time),
+            ],
             shape: cfg.shape()?,
             before: cfg.before.as_millis_i64(),
             after: cfg.after.as_millis_i64(),
             lateness: cfg.allowed_lateness.as_millis_i64(),
             cfg: cfg.clone(),
-            left_sweeper: Sweeper::default(),
-            right_sweeper: Sweeper::default(),
+            sweepers: [Sweeper::default(), Sweeper::default()],
         })
     }
 
-    /// `Some` when `ts` is too far behind `watermark`, the largest time seen on its side.
-    fn late(&self, watermark: Option<i64>, ts: i64, side: &str) -> Option<Reject> {
-        let w = watermark?;
-        (ts < w.saturating_sub(self.lateness)).then(|| Reject {
+    /// `Err` when `ts` is too far behind `watermark`, the largest time seen on its side.
+    fn check_late(&self, watermark: Option<i64>, ts: i64, side: Side) -> Result<(), Reject> {
+        let Some(w) = watermark.filter(|w| ts < w.saturating_sub(self.lateness)) else {
+            return Ok(());
+        };
+        Err(Reject {
             kind: "late",
             message: format!(
-                "event time {ts} is {} ms behind the {side} watermark {w} (allowed lateness {} ms)",
+                "event time {ts} is {} ms behind the {} watermark {w} (allowed lateness {} ms)",
                 w - ts,
+                side.name(),
                 self.lateness
             ),
         })
@@ -214,32 +277,36 @@ impl IntervalJoinStage {
     }
 
     fn emit(&self, out: &mut StageOutput, left: &Record, lv: &Value, right: Option<&Value>) {
-        match self.joined(left, lv, right) {
-            Ok(r) => out.records.push(r),
-            Err(reject) => out
-                .dead_letters
-                .push(reject.into_dead_letter(&self.name, left)),
+        let joined = self.joined(left, lv, right);
+        if let Some(r) = or_dead_letter(joined, out, &self.name, left) {
+            out.records.push(r);
         }
     }
 
-    fn read(&self, r: &Record, right: bool) -> Result<(Value, Vec<u8>, i64), Reject> {
+    /// The value, key and event time of a record of `side`.
+    fn read(&self, r: &Record, side: Side) -> Result<(Value, Vec<u8>, i64), Reject> {
         let v = parse_json(r)?;
-        let needs_object = !right || matches!(self.shape, OutputShape::Prefix { .. });
+        let needs_object = side == Side::Left || matches!(self.shape, OutputShape::Prefix { .. });
         if needs_object && !v.is_object() {
             return Err(Reject::schema("value is not a JSON object"));
         }
-        let (key, time) = if right {
-            (&self.cfg.right_key, &self.cfg.right_time)
-        } else {
-            (&self.cfg.left_key, &self.cfg.left_time)
-        };
-        let k = key_of(&v, key)?;
-        let ts = event_time(&v, time)?;
+        let (k, ts) = self.specs[side as usize].read_value(r, &v)?;
         Ok((v, k, ts))
     }
 
-    fn process_left(
+    /// A buffered left record and its value.
+    fn buffered_left(&self, blob: &[u8]) -> Result<(Record, Value), StateError> {
+        let left = codec::decode(blob).ok_or_else(|| corrupt(&self.name, "left record"))?;
+        let lv =
+            serde_json::from_slice(&left.value).map_err(|_| corrupt(&self.name, "left record"))?;
+        Ok((left, lv))
+    }
+
+    /// One batch of `side`: each record pairs with the buffered records of the other side in
+    /// its window and is buffered itself; then what can no longer pair expires.
+    fn process_batch(
         &mut self,
+        side: Side,
         batch: Vec<Record>,
         st: &mut StageState<'_, '_>,
     ) -> Result<StageOutput, StateError> {
@@ -248,43 +315,28 @@ impl IntervalJoinStage {
         let mut seqs: HashMap<i64, u32> = HashMap::new();
         let mut matches = 0u64;
         for r in &batch {
-            let (v, key, ts) = match self.read(r, false) {
-                Ok(x) => x,
-                Err(reject) => {
-                    out.dead_letters
-                        .push(reject.into_dead_letter(&self.name, r));
-                    continue;
-                }
+            let Some((v, key, ts)) = or_dead_letter(self.read(r, side), &mut out, &self.name, r)
+            else {
+                continue;
             };
-            if let Some(reject) = self.late(marks.left, ts, "left") {
-                out.dead_letters
-                    .push(reject.into_dead_letter(&self.name, r));
+            let late = self.check_late(marks.watermark[side as usize], ts, side);
+            if or_dead_letter(late, &mut out, &self.name, r).is_none() {
                 continue;
             }
-            marks.left = Some(marks.left.map_or(ts, |w| w.max(ts)));
+            marks.add(side, ts);
             let seq = seqs.entry(r.origin.offset).or_insert(0);
-            let pos = position(r, *seq);
+            let a = Arrival {
+                record: r,
+                value: v,
+                key,
+                ts,
+                pos: position(r, *seq),
+            };
             *seq += 1;
-
-            let (lo, hi) = time_range(
-                RIGHT,
-                &key,
-                ts.saturating_sub(self.before),
-                ts.saturating_add(self.after),
-            );
-            let rights = st.range(&lo, &hi)?;
-            for (_, rv) in &rights {
-                let right: Value =
-                    serde_json::from_slice(rv).map_err(|_| corrupt(&self.name, "right record"))?;
-                self.emit(&mut out, r, &v, Some(&right));
-                matches += 1;
-            }
-            st.put(&data_key(LEFT, &key, ts, &pos), &codec::encode(r));
-            st.put(
-                &index_key(LEFT_INDEX, ts, &key, &pos),
-                &[u8::from(!rights.is_empty())],
-            );
-            lower(&mut marks.cursor_left, ts);
+            matches += match side {
+                Side::Left => self.pair_left(st, &mut out, &a)?,
+                Side::Right => self.pair_right(st, &mut out, &a)?,
+            };
         }
         let budget = (batch.len() * 2).max(10_000);
         self.expire(st, &mut marks, &mut out, budget)?;
@@ -293,61 +345,74 @@ impl IntervalJoinStage {
         Ok(out)
     }
 
-    fn process_right(
-        &mut self,
-        batch: Vec<Record>,
-        st: &mut StageState<'_, '_>,
-    ) -> Result<StageOutput, StateError> {
-        let mut out = StageOutput::default();
-        let mut marks = Marks::load(st)?;
-        let mut seqs: HashMap<i64, u32> = HashMap::new();
-        let mut matches = 0u64;
-        for r in &batch {
-            let (v, key, ts) = match self.read(r, true) {
-                Ok(x) => x,
-                Err(reject) => {
-                    out.dead_letters
-                        .push(reject.into_dead_letter(&self.name, r));
-                    continue;
-                }
-            };
-            if let Some(reject) = self.late(marks.right, ts, "right") {
-                out.dead_letters
-                    .push(reject.into_dead_letter(&self.name, r));
-                continue;
-            }
-            marks.right = Some(marks.right.map_or(ts, |w| w.max(ts)));
-            let seq = seqs.entry(r.origin.offset).or_insert(0);
-            let pos = position(r, *seq);
-            *seq += 1;
+    /// The buffered records of the other side that `a` (of `side`) pairs with: rights in
+    /// `[ts - before, ts + after]` of a left, lefts in `[ts - after, ts + before]` of a right.
+    fn partners(
+        &self,
+        st: &StageState<'_, '_>,
+        side: Side,
+        a: &Arrival<'_>,
+    ) -> Result<Entries, StateError> {
+        let (back, ahead) = match side {
+            Side::Left => (self.before, self.after),
+            Side::Right => (self.after, self.before),
+        };
+        let (lo, hi) = time_range(
+            side.other(),
+            &a.key,
+            a.ts.saturating_sub(back),
+            a.ts.saturating_add(ahead),
+        );
+        st.range(&lo, &hi)
+    }
 
-            // Lefts this right pairs with: left.ts in [ts - after, ts + before].
-            let (lo, hi) = time_range(
-                LEFT,
-                &key,
-                ts.saturating_sub(self.after),
-                ts.saturating_add(self.before),
-            );
-            for (lk, blob) in st.range(&lo, &hi)? {
-                let left =
-                    codec::decode(&blob).ok_or_else(|| corrupt(&self.name, "left record"))?;
-                let lv: Value = serde_json::from_slice(&left.value)
-                    .map_err(|_| corrupt(&self.name, "left record"))?;
-                self.emit(&mut out, &left, &lv, Some(&v));
-                matches += 1;
-                let (lts, lpos) = split_data_key(&lk, key.len())
-                    .ok_or_else(|| corrupt(&self.name, "left key"))?;
-                st.put(&index_key(LEFT_INDEX, lts, &key, lpos), &[1]);
-            }
-            st.put(&data_key(RIGHT, &key, ts, &pos), &r.value);
-            st.put(&index_key(RIGHT_INDEX, ts, &key, &pos), b"");
-            lower(&mut marks.cursor_right, ts);
+    /// Pairs a left record with its buffered rights and buffers it, flagged as matched or not.
+    /// Returns the number of pairs.
+    fn pair_left(
+        &self,
+        st: &mut StageState<'_, '_>,
+        out: &mut StageOutput,
+        a: &Arrival<'_>,
+    ) -> Result<u64, StateError> {
+        let rights = self.partners(st, Side::Left, a)?;
+        for (_, rv) in &rights {
+            let right: Value =
+                serde_json::from_slice(rv).map_err(|_| corrupt(&self.name, "right record"))?;
+            self.emit(out, a.record, &a.value, Some(&right));
         }
-        let budget = (batch.len() * 2).max(10_000);
-        self.expire(st, &mut marks, &mut out, budget)?;
-        marks.store(st);
-        out.counters.push(("join_matches", matches));
-        Ok(out)
+        st.put(
+            &data_key(Side::Left.data(), &a.key, a.ts, &a.pos),
+            &codec::encode(a.record),
+        );
+        st.put(
+            &index_key(Side::Left.index(), a.ts, &a.key, &a.pos),
+            &[u8::from(!rights.is_empty())],
+        );
+        Ok(rights.len() as u64)
+    }
+
+    /// Pairs a right record with its buffered lefts (flagging them as matched) and buffers it.
+    /// Returns the number of pairs.
+    fn pair_right(
+        &self,
+        st: &mut StageState<'_, '_>,
+        out: &mut StageOutput,
+        a: &Arrival<'_>,
+    ) -> Result<u64, StateError> {
+        let lefts = self.partners(st, Side::Right, a)?;
+        for (lk, blob) in &lefts {
+            let (left, lv) = self.buffered_left(blob)?;
+            self.emit(out, &left, &lv, Some(&a.value));
+            let (lts, lpos) =
+                split_data_key(lk, a.key.len()).ok_or_else(|| corrupt(&self.name, "left key"))?;
+            st.put(&index_key(Side::Left.index(), lts, &a.key, lpos), &[1]);
+        }
+        st.put(
+            &data_key(Side::Right.data(), &a.key, a.ts, &a.pos),
+            &a.record.value,
+        );
+        st.put(&index_key(Side::Right.index(), a.ts, &a.key, &a.pos), b"");
+        Ok(lefts.len() as u64)
     }
 
     /// Drops buffered records no future (non-late) record can pair with; emits unmatched left
@@ -360,50 +425,38 @@ impl IntervalJoinStage {
         budget: usize,
     ) -> Result<(), StateError> {
         let mut unmatched = 0u64;
-        // A right pairs with lefts up to right.ts + before; lefts still to come are at least at
-        // the left watermark minus the lateness.
-        let right_cutoff = marks
-            .left
-            .map(|w| w.saturating_sub(self.lateness).saturating_sub(self.before));
-        if let Some((c, cutoff)) = marks.cursor_right.zip(right_cutoff).filter(|(c, k)| c < k) {
-            let (entries, next) = self
-                .right_sweeper
-                .expired(st, RIGHT_INDEX, c, cutoff, budget)?;
-            for IndexEntry { ts, rest, .. } in entries {
-                let (key, pos) =
-                    split_index_rest(&rest).ok_or_else(|| corrupt(&self.name, "right index"))?;
-                st.delete(&data_key(RIGHT, key, ts, pos));
-                st.delete(&index_key(RIGHT_INDEX, ts, key, pos));
-            }
-            marks.cursor_right = Some(next);
-        }
-        // Symmetrically for lefts, against the right watermark.
-        let left_cutoff = marks
-            .right
-            .map(|w| w.saturating_sub(self.lateness).saturating_sub(self.after));
-        if let Some((c, cutoff)) = marks.cursor_left.zip(left_cutoff).filter(|(c, k)| c < k) {
-            let (entries, next) = self
-                .left_sweeper
-                .expired(st, LEFT_INDEX, c, cutoff, budget)?;
+        for side in [Side::Right, Side::Left] {
+            // A right pairs with lefts up to right.ts + before, a left with rights up to
+            // left.ts + after; records of the other side still to come are at least at its
+            // watermark minus the lateness.
+            let reach = match side {
+                Side::Right => self.before,
+                Side::Left => self.after,
+            };
+            let cutoff = marks.watermark[side.other() as usize]
+                .map(|w| w.saturating_sub(self.lateness).saturating_sub(reach));
+            let i = side as usize;
+            let Some((c, cutoff)) = marks.cursor[i].zip(cutoff).filter(|(c, k)| c < k) else {
+                continue;
+            };
+            let (entries, next) = self.sweepers[i].expired(st, side.index(), c, cutoff, budget)?;
             for IndexEntry { ts, rest, value } in entries {
-                let (key, pos) =
-                    split_index_rest(&rest).ok_or_else(|| corrupt(&self.name, "left index"))?;
-                let dk = data_key(LEFT, key, ts, pos);
-                if self.cfg.mode == JoinMode::LeftOuter && value.first() == Some(&0) {
+                let (key, pos) = split_index_rest(&rest)
+                    .ok_or_else(|| corrupt(&self.name, &format!("{} index", side.name())))?;
+                let dk = data_key(side.data(), key, ts, pos);
+                let unpaired_left = side == Side::Left && value.first() == Some(&0);
+                if unpaired_left && self.cfg.mode == JoinMode::LeftOuter {
                     let blob = st
                         .get(&dk)?
                         .ok_or_else(|| corrupt(&self.name, "left record"))?;
-                    let left =
-                        codec::decode(&blob).ok_or_else(|| corrupt(&self.name, "left record"))?;
-                    let lv: Value = serde_json::from_slice(&left.value)
-                        .map_err(|_| corrupt(&self.name, "left record"))?;
+                    let (left, lv) = self.buffered_left(&blob)?;
                     self.emit(out, &left, &lv, None);
                     unmatched += 1;
                 }
                 st.delete(&dk);
-                st.delete(&index_key(LEFT_INDEX, ts, key, pos));
+                st.delete(&index_key(side.index(), ts, key, pos));
             }
-            marks.cursor_left = Some(next);
+            marks.cursor[i] = Some(next);
         }
         out.counters.push(("join_unmatched", unmatched));
         Ok(())
@@ -425,10 +478,9 @@ impl Stage for IntervalJoinStage {
         ctx: &BatchContext,
         state: &mut StateTxn<'_>,
     ) -> Result<StageOutput, StageError> {
-        let name = self.name.clone();
-        let mut st = state.stage(&name, ctx.partition.partition);
-        self.process_left(batch, &mut st)
-            .map_err(|e| state_error(&name, e))
+        with_state(state, &self.name.clone(), ctx, |st| {
+            self.process_batch(Side::Left, batch, st)
+        })
     }
 
     fn process_side(
@@ -437,10 +489,9 @@ impl Stage for IntervalJoinStage {
         ctx: &BatchContext,
         state: &mut StateTxn<'_>,
     ) -> Result<StageOutput, StageError> {
-        let name = self.name.clone();
-        let mut st = state.stage(&name, ctx.partition.partition);
-        self.process_right(batch, &mut st)
-            .map_err(|e| state_error(&name, e))
+        with_state(state, &self.name.clone(), ctx, |st| {
+            self.process_batch(Side::Right, batch, st)
+        })
     }
 }
 

@@ -7,11 +7,15 @@
 //! - `I` + Kafka key → table key, only with `table_key` (so a tombstone, which has no fields,
 //!   finds the row its Kafka key last wrote).
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::record::Record;
-use crate::stage::keyed::{key_from_bytes, key_of, parse_json, state_error, OutputShape, Reject};
+use crate::stage::keyed::{
+    key_from_bytes, key_of, or_dead_letter, parse_json, with_state, KeySpec, OutputShape, Reject,
+};
 use crate::stage::{BatchContext, Stage, StageError, StageOutput};
 use crate::state::{StageState, StateError, StateTxn};
 
@@ -45,17 +49,10 @@ fn is_tombstone(v: &[u8]) -> bool {
     t.is_empty() || t == b"null"
 }
 
-enum Outcome {
-    Matched(Record),
-    /// Unmatched, passed on with the right side null.
-    Passed(Record),
-    Dropped,
-    Reject(Reject),
-}
-
 pub struct LookupJoinStage {
     name: String,
     cfg: LookupJoinConfig,
+    spec: KeySpec,
     shape: OutputShape,
 }
 
@@ -64,64 +61,53 @@ impl LookupJoinStage {
     pub fn new(name: &str, cfg: &LookupJoinConfig) -> Result<Self, String> {
         Ok(Self {
             name: name.to_string(),
+            spec: KeySpec::new(&cfg.key, None),
             shape: cfg.shape()?,
             cfg: cfg.clone(),
         })
     }
 
-    fn enrich(&self, r: &Record, st: &StageState<'_, '_>) -> Result<Outcome, StateError> {
-        let v = match parse_json(r) {
-            Ok(v) => v,
-            Err(e) => return Ok(Outcome::Reject(e)),
+    /// The record as a JSON object and the state key of its table row.
+    fn read(&self, r: &Record) -> Result<(Map<String, Value>, Vec<u8>), Reject> {
+        let v = parse_json(r)?;
+        let key = self.spec.key_of_value(&v)?;
+        let Value::Object(obj) = v else {
+            return Err(Reject::schema("value is not a JSON object"));
         };
-        let key = match key_of(&v, &self.cfg.key) {
-            Ok(k) => k,
-            Err(e) => return Ok(Outcome::Reject(e)),
-        };
-        let Value::Object(mut obj) = v else {
-            return Ok(Outcome::Reject(Reject::schema(
-                "value is not a JSON object",
-            )));
-        };
-        let right: Option<Value> = match st.get(&tagged(VALUE, &key))? {
-            Some(b) => Some(serde_json::from_slice(&b).map_err(|_| StateError::Corrupt {
-                key: format!("{} table row", self.name),
-                message: "not JSON".into(),
-            })?),
-            None => None,
-        };
-        if right.is_none() {
+        Ok((obj, tagged(VALUE, &key)))
+    }
+
+    /// `Ok(None)`: the record is dropped (unmatched, `unmatched: drop`).
+    fn enrich(
+        &self,
+        r: &Record,
+        mut obj: Map<String, Value>,
+        row_key: &[u8],
+        row: Option<&Value>,
+    ) -> Result<Option<Record>, Reject> {
+        if row.is_none() {
             match self.cfg.unmatched {
                 Unmatched::Pass => {}
-                Unmatched::Drop => return Ok(Outcome::Dropped),
+                Unmatched::Drop => return Ok(None),
                 Unmatched::DeadLetter => {
-                    return Ok(Outcome::Reject(Reject {
+                    return Err(Reject {
                         kind: "unmatched",
                         message: format!(
                             "no row with key {} in table topic {}",
-                            show_key(&key),
+                            show_key(&row_key[1..]),
                             self.cfg.table_topic
                         ),
-                    }))
+                    })
                 }
             }
         }
-        if let Err(m) = self.shape.merge(&mut obj, right.as_ref()) {
-            return Ok(Outcome::Reject(Reject::schema(m)));
-        }
-        let value = match serde_json::to_vec(&Value::Object(obj)) {
-            Ok(v) => v,
-            Err(e) => return Ok(Outcome::Reject(Reject::schema(e.to_string()))),
-        };
-        let joined = Record {
+        self.shape.merge(&mut obj, row).map_err(Reject::schema)?;
+        let value =
+            serde_json::to_vec(&Value::Object(obj)).map_err(|e| Reject::schema(e.to_string()))?;
+        Ok(Some(Record {
             value: Bytes::from(value),
             ..r.clone()
-        };
-        Ok(if right.is_some() {
-            Outcome::Matched(joined)
-        } else {
-            Outcome::Passed(joined)
-        })
+        }))
     }
 
     fn process_main(
@@ -131,18 +117,43 @@ impl LookupJoinStage {
     ) -> Result<StageOutput, StateError> {
         let mut out = StageOutput::default();
         let (mut matches, mut unmatched) = (0u64, 0u64);
+        // All rows of the batch in one batched read, each parsed once however often it is used.
+        let (mut objs, mut row_keys) = (Vec::new(), Vec::new());
         for r in &batch {
-            match self.enrich(r, st)? {
-                Outcome::Matched(j) => {
+            let (obj, key) = or_dead_letter(self.read(r), &mut out, &self.name, r).unzip();
+            objs.push(obj);
+            row_keys.push(key);
+        }
+        let mut keys: Vec<&[u8]> = row_keys.iter().flatten().map(|k| &k[..]).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut rows: HashMap<&[u8], Option<Value>> = HashMap::with_capacity(keys.len());
+        for (k, v) in keys.iter().zip(st.get_many(&keys)?) {
+            let row = match v {
+                Some(b) => Some(serde_json::from_slice(&b).map_err(|_| StateError::Corrupt {
+                    key: format!("{} table row", self.name),
+                    message: "not JSON".into(),
+                })?),
+                None => None,
+            };
+            rows.insert(k, row);
+        }
+        for ((r, obj), key) in batch.iter().zip(objs).zip(&row_keys) {
+            let (Some(obj), Some(key)) = (obj, key) else {
+                continue;
+            };
+            let row = rows.get(&key[..]).and_then(Option::as_ref);
+            match self.enrich(r, obj, key, row) {
+                Ok(Some(j)) => {
                     out.records.push(j);
-                    matches += 1;
+                    if row.is_some() {
+                        matches += 1;
+                    } else {
+                        unmatched += 1;
+                    }
                 }
-                Outcome::Passed(j) => {
-                    out.records.push(j);
-                    unmatched += 1;
-                }
-                Outcome::Dropped => unmatched += 1,
-                Outcome::Reject(reject) => {
+                Ok(None) => unmatched += 1,
+                Err(reject) => {
                     if reject.kind == "unmatched" {
                         unmatched += 1;
                     }
@@ -155,6 +166,22 @@ impl LookupJoinStage {
         out.counters.push(("join_unmatched", unmatched));
         Ok(out)
     }
+    /// The key of a changelog row (not a tombstone).
+    fn row_key(&self, r: &Record, kafka_key: Option<&[u8]>) -> Result<Vec<u8>, Reject> {
+        let v = parse_json(r)?;
+        if matches!(self.shape, OutputShape::Prefix { .. }) && !v.is_object() {
+            return Err(Reject::schema(
+                "value is not a JSON object (needed by `prefix`)",
+            ));
+        }
+        match (&self.cfg.table_key, kafka_key) {
+            (Some(p), _) => key_of(&v, p),
+            (None, Some(kk)) => Ok(key_from_bytes(kk)),
+            (None, None) => Err(Reject::schema(
+                "the table is keyed by the Kafka message key, and this record has none (or set table_key)",
+            )),
+        }
+    }
 
     fn process_changelog(
         &self,
@@ -166,13 +193,10 @@ impl LookupJoinStage {
         for r in &batch {
             let kafka_key = r.key.as_deref().or(r.origin.key.as_deref());
             if is_tombstone(&r.value) {
-                let Some(kk) = kafka_key else {
-                    out.dead_letters.push(
-                        Reject::schema(
-                            "a tombstone (null value) without a Kafka key deletes nothing",
-                        )
-                        .into_dead_letter(&self.name, r),
-                    );
+                let missing =
+                    Reject::schema("a tombstone (null value) without a Kafka key deletes nothing");
+                let Some(kk) = or_dead_letter(kafka_key.ok_or(missing), &mut out, &self.name, r)
+                else {
                     continue;
                 };
                 match self.cfg.table_key {
@@ -188,36 +212,9 @@ impl LookupJoinStage {
                 deletes += 1;
                 continue;
             }
-            let v = match parse_json(r) {
-                Ok(v) => v,
-                Err(e) => {
-                    out.dead_letters.push(e.into_dead_letter(&self.name, r));
-                    continue;
-                }
-            };
-            if matches!(self.shape, OutputShape::Prefix { .. }) && !v.is_object() {
-                out.dead_letters.push(
-                    Reject::schema("value is not a JSON object (needed by `prefix`)")
-                        .into_dead_letter(&self.name, r),
-                );
+            let Some(key) = or_dead_letter(self.row_key(r, kafka_key), &mut out, &self.name, r)
+            else {
                 continue;
-            }
-            let key = match (&self.cfg.table_key, kafka_key) {
-                (Some(p), _) => match key_of(&v, p) {
-                    Ok(k) => k,
-                    Err(e) => {
-                        out.dead_letters.push(e.into_dead_letter(&self.name, r));
-                        continue;
-                    }
-                },
-                (None, Some(kk)) => key_from_bytes(kk),
-                (None, None) => {
-                    out.dead_letters.push(
-                        Reject::schema("the table is keyed by the Kafka message key, and this record has none (or set table_key)")
-                            .into_dead_letter(&self.name, r),
-                    );
-                    continue;
-                }
             };
             if let (Some(_), Some(kk)) = (&self.cfg.table_key, kafka_key) {
                 // The Kafka key now names another row: its old row is superseded.
@@ -253,9 +250,7 @@ impl Stage for LookupJoinStage {
         ctx: &BatchContext,
         state: &mut StateTxn<'_>,
     ) -> Result<StageOutput, StageError> {
-        let st = state.stage(&self.name, ctx.partition.partition);
-        self.process_main(batch, &st)
-            .map_err(|e| state_error(&self.name, e))
+        with_state(state, &self.name, ctx, |st| self.process_main(batch, st))
     }
 
     fn process_side(
@@ -264,9 +259,9 @@ impl Stage for LookupJoinStage {
         ctx: &BatchContext,
         state: &mut StateTxn<'_>,
     ) -> Result<StageOutput, StageError> {
-        let mut st = state.stage(&self.name, ctx.partition.partition);
-        self.process_changelog(batch, &mut st)
-            .map_err(|e| state_error(&self.name, e))
+        with_state(state, &self.name, ctx, |st| {
+            self.process_changelog(batch, st)
+        })
     }
 }
 
