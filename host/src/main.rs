@@ -59,6 +59,24 @@ enum Command {
     },
     /// Print the control plane's OpenAPI document (docs/openapi.json).
     Openapi,
+    /// Move a stopped pipeline back to an offset or a point in time on one topic. Records
+    /// delivered before are recognised when they come again: the dedup stage drops those
+    /// still inside its window (docs/reliability.md).
+    Rewind {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        topic: String,
+        /// Only this partition (default: all).
+        #[arg(long)]
+        partition: Option<i32>,
+        /// An offset, or `earliest`.
+        #[arg(long, conflicts_with = "to_time", required_unless_present = "to_time")]
+        to_offset: Option<String>,
+        /// RFC 3339 time or milliseconds since the epoch: the first record at or after it.
+        #[arg(long)]
+        to_time: Option<String>,
+    },
     /// Inspect and replay the dead-letter topic of a pipeline.
     Dlq {
         #[command(subcommand)]
@@ -307,6 +325,13 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config, api } => run(&config, api).await,
             Command::Pipeline { command, api } => pipeline_cmd(command, api).await,
+            Command::Rewind {
+                config,
+                topic,
+                partition,
+                to_offset,
+                to_time,
+            } => rewind_cmd(&config, &topic, partition, to_offset, to_time).await,
             Command::Openapi => {
                 println!("{}", sluice::api::openapi::document());
                 Ok(ExitCode::SUCCESS)
@@ -441,11 +466,12 @@ async fn run(paths: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
         }));
     }
     let mut tasks = tokio::task::JoinSet::new();
+    let hold = api_task.is_some();
     for (pipeline, handle) in pipelines {
         let rx = stop_rx.clone();
         tasks.spawn(async move {
             let name = handle.name().to_string();
-            (name, handle.supervise(pipeline, rx).await)
+            (name, handle.supervise(pipeline, rx, hold).await)
         });
     }
     let mut failed = false;
@@ -872,6 +898,61 @@ async fn plugin_cmd(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+async fn rewind_cmd(
+    config: &Path,
+    topic: &str,
+    partition: Option<i32>,
+    to_offset: Option<String>,
+    to_time: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    use sluice::source::rewind::{rewind, Target};
+    let cfg = LoadedConfig::load(config)?;
+    let target = match (to_offset.as_deref(), to_time.as_deref()) {
+        (Some("earliest"), _) => Target::Earliest,
+        (Some(o), _) => Target::Offset(
+            o.parse()
+                .with_context(|| format!("--to-offset {o:?}: an offset or `earliest`"))?,
+        ),
+        (None, Some(t)) => Target::Time(match t.parse::<i64>() {
+            Ok(ms) => ms,
+            Err(_) => {
+                let at =
+                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                        .with_context(|| {
+                            format!("--to-time {t:?}: RFC 3339 or epoch milliseconds")
+                        })?;
+                i64::try_from(at.unix_timestamp_nanos() / 1_000_000)?
+            }
+        }),
+        (None, None) => anyhow::bail!("give --to-offset or --to-time"),
+    };
+    let state = StateStore::open_with(&cfg.state_dir(), cfg.pipeline.state.memory()).with_context(
+        || {
+            format!(
+                "opening the state of pipeline {:?} (stop it first)",
+                cfg.pipeline.name
+            )
+        },
+    )?;
+    let kafka = cfg.pipeline.kafka.clone();
+    let instance = cfg.instance_id();
+    let topic = topic.to_string();
+    let done = tokio::task::spawn_blocking(move || {
+        rewind(&kafka, &instance, &state, &topic, partition, target)
+    })
+    .await??;
+    println!("PARTITION\tREWOUND TO\tDELIVERED BELOW");
+    for r in &done {
+        println!(
+            "{}\t{}\t{}",
+            r.partition,
+            r.to,
+            r.delivered_below.map_or("-".to_string(), |o| o.to_string())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Percent-encodes a query value.

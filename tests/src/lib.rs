@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod faults;
 pub mod plugins;
 pub mod services;
 pub mod sluice;

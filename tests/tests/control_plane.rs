@@ -804,3 +804,60 @@ async fn pause_resume_auto_rollback_and_dead_letters_over_the_api() -> Result<()
     }
     Ok(())
 }
+
+/// `sluice rewind` (issue 5; here for this file's fixture): after rewinding a stopped pipeline
+/// to the start of its topic, the re-delivered records are recognised by the dedup stage (all
+/// inside its window) and nothing lands twice; new records after them still land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewind_redelivers_without_duplicates_inside_the_dedup_window() -> Result<()> {
+    let mut f = Fixture::new(
+        2,
+        "  - name: dedup\n    dedup:\n      key: /id\n      window: 24h\n",
+    )
+    .await?;
+    let mut p = f.start(&[])?;
+    f.wait_running(&mut p).await?;
+    let n = f.produce_events(1_000, 1).await?;
+    f.wait_rows(&mut p, n).await?;
+    p.terminate(Duration::from_secs(60))?;
+
+    let config = f.config.display().to_string();
+    let (status, out) = sluice_tests::sluice::run_to_end(&[
+        "rewind",
+        "-c",
+        &config,
+        "--topic",
+        &f.topic,
+        "--to-offset",
+        "earliest",
+    ])?;
+    ensure!(status.success(), "rewind failed:\n{out}");
+    ensure!(out.contains("REWOUND TO"), "{out}");
+
+    let mut p = f.start(&[])?;
+    f.wait_running(&mut p).await?;
+    f.produce_events(200, 2).await?;
+    let rows = f.wait_rows(&mut p, n + 200).await?;
+    // Give re-delivered records time to (wrongly) land.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rows = if rows.len() == n + 200 {
+        f.rows().await?
+    } else {
+        rows
+    };
+    ensure!(
+        rows.len() == n + 200,
+        "{} rows after the rewind, expected {}",
+        rows.len(),
+        n + 200
+    );
+    let status = f
+        .ok(Method::GET, &format!("/v1/pipelines/{}", f.name), None)
+        .await?;
+    ensure!(
+        num(&status["counters"]["dedup.duplicates"]) >= n as i64,
+        "{status}"
+    );
+    p.terminate(Duration::from_secs(60))?;
+    Ok(())
+}

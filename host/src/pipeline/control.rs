@@ -720,17 +720,26 @@ impl PipelineHandle {
     /// Runs the pipeline until `stop` turns true: starts it, stops it on pause, starts it
     /// again on resume, rolls a freshly swapped plugin back when its breaker trips. Returns
     /// an error if the pipeline failed, or if it was paused by a breaker when stopped.
+    ///
+    /// With `hold_on_failure` (the control plane is on, so someone can resume it), a failed
+    /// pipeline (e.g. ClickHouse refusing rows for a schema change) stays in the `failed`
+    /// state with its error until resumed or the process stops; otherwise the error ends it.
     pub async fn supervise(
         self: Arc<Self>,
         pipeline: Pipeline,
         mut stop: watch::Receiver<bool>,
+        hold_on_failure: bool,
     ) -> Result<(), PipelineError> {
         let mut paused = self.paused.subscribe();
         let mut breaker: Option<StageError> = None;
+        let mut failure: Option<PipelineError> = None;
         loop {
             // Wait until the pipeline should run (or the process stops).
             loop {
                 if *stop.borrow() {
+                    if let Some(e) = failure {
+                        return Err(e);
+                    }
                     self.set_state(RunState::Stopped, Some("process stopping".into()));
                     return match breaker {
                         Some(e) => Err(PipelineError::Stage(e)),
@@ -746,6 +755,7 @@ impl PipelineHandle {
                 }
             }
             breaker = None;
+            failure = None;
             self.set_state(RunState::Starting, None);
             let (ctl_tx, ctl_rx) = mpsc::channel(8);
             let stages = {
@@ -806,7 +816,12 @@ impl PipelineHandle {
                 Err(e) => {
                     lock(&self.inner).last_error = Some(e.to_string());
                     self.set_state(RunState::Failed, Some(e.to_string()));
-                    return Err(e);
+                    if !hold_on_failure {
+                        return Err(e);
+                    }
+                    tracing::error!(pipeline = %self.name(), "pipeline FAILED (resume it over the API once fixed): {e}");
+                    self.paused.send_replace(true);
+                    failure = Some(e);
                 }
             }
         }

@@ -236,6 +236,15 @@ impl Pipeline {
                         // First record of this partition since it was assigned: finish the
                         // batch a previous run left in flight before anything else.
                         let mut j = self.state.journal(&pk)?;
+                        if j.pending.is_some_and(|b| b.last < origin.offset) {
+                            // The group is already past it (another instance handled this
+                            // partition meanwhile): re-sending it would commit an older offset.
+                            tracing::warn!(partition = %pk, "dropping a stale journal entry: the group's offset is past it");
+                            if let Some(b) = j.pending {
+                                self.state.complete_batch(&pk, b.last)?;
+                            }
+                            j = self.state.journal(&pk)?;
+                        }
                         if let Some(pending) = j.pending {
                             match self.state.outbox(&pk)? {
                                 Some(outbox) => {
@@ -357,6 +366,9 @@ struct Worker {
     committer: Committer,
     stats: Arc<Stats>,
 }
+
+/// How long an offset commit is retried before the run gives up on it.
+const COMMIT_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Exponential backoff with jitter for retryable failures: 100 ms doubling to 30 s.
 struct Backoff {
@@ -643,11 +655,15 @@ impl Worker {
         }
         fault::point(fault::AFTER_DEAD_LETTERS);
 
+        // The batch stays in the journal until the commit succeeds, so waiting is safe; a
+        // broker restart can take minutes. Give up (the run ends, the batch is re-sent by the
+        // next one) only after that.
         let mut backoff = Backoff::new();
+        let started = Instant::now();
         loop {
             match self.committer.commit(pk, last + 1).await {
                 Ok(()) => break,
-                Err(e) if backoff.attempt < 5 => {
+                Err(e) if started.elapsed() < COMMIT_PATIENCE => {
                     tracing::warn!("{e}; retrying");
                     backoff.wait().await;
                 }

@@ -10,6 +10,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -180,14 +181,29 @@ impl KafkaSource {
     }
 
     /// Waits for the next message and copies it out of librdkafka's buffer.
+    ///
+    /// Consumption errors librdkafka recovers from by itself (all brokers down during a
+    /// restart, a transport failure, a partition EOF) are logged, at most once per 10 s, and
+    /// waited out; only fatal ones end the pipeline.
     pub async fn recv(&self) -> Result<Origin, SourceError> {
-        let m = self
-            .consumer
-            .recv()
-            .await
-            .map_err(|e| SourceError::Receive(e.to_string()))?;
-        let topic = self.topic(m.topic());
-        Ok(to_origin(&m, topic))
+        let mut last_warning: Option<std::time::Instant> = None;
+        loop {
+            match self.consumer.recv().await {
+                Ok(m) => {
+                    let topic = self.topic(m.topic());
+                    return Ok(to_origin(&m, topic));
+                }
+                Err(KafkaError::MessageConsumption(code)) => {
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        last_warning = Some(std::time::Instant::now());
+                        tracing::warn!("kafka consumption: {code} (librdkafka retries; waiting)");
+                    }
+                    // Without a pause a persistent error would spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(SourceError::Receive(e.to_string())),
+            }
+        }
     }
 
     fn topic(&self, name: &str) -> Arc<str> {

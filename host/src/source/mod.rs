@@ -1,3 +1,4 @@
 //! Sources: where records come from.
 
 pub mod kafka;
+pub mod rewind;
