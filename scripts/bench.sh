@@ -6,7 +6,7 @@
 #
 #   scripts/bench.sh                          # the full run: 1 M-record backlog (~5 min after the build)
 #   scripts/bench.sh --records 200000         # extra arguments go to `sluice-bench run`
-#   scripts/bench.sh --phases wasm,latency    # a subset: backlog, latency, wasm, scaling
+#   scripts/bench.sh --phases wasm,latency    # a subset: backlog, latency, wasm, scaling, swap
 #   scripts/bench.sh --phases backlog --perf  # also profile sluice on the backlog (perf record)
 #
 #   SLUICE_BENCH_CH_PORT     ClickHouse HTTP port (default 18323)
@@ -33,6 +33,12 @@ say "building the reference plugin (plugins/rust-enrich) for wasm32-wasip2"
 CARGO_TARGET_DIR="$WASM_TARGET_DIR" cargo build --release --target wasm32-wasip2 \
     -p sluice-plugin-enrich >&2
 plugin="$WASM_TARGET_DIR/wasm32-wasip2/release/sluice_plugin_enrich.wasm"
+# Its second version (`v2` feature: adds `risk_level`) for the hot-swap phase: same file name,
+# so its own target dir (the one tests/build.rs uses too, so the two builds share it).
+say "building the plugin's v2 (--features v2) for the hot-swap phase"
+CARGO_TARGET_DIR="$WASM_TARGET_DIR/enrich-v2" cargo build --release --target wasm32-wasip2 \
+    -p sluice-plugin-enrich --features v2 >&2
+plugin_v2="$WASM_TARGET_DIR/enrich-v2/wasm32-wasip2/release/sluice_plugin_enrich.wasm"
 
 # Hard links to the binaries: other builds sharing the target dir replace those files (new
 # inodes), and the bench must run one build from start to end.
@@ -41,11 +47,14 @@ mkdir -p "$bin_dir"
 for f in "$CARGO_TARGET_DIR/release/sluice" "$CARGO_TARGET_DIR/release/sluice-bench" "$plugin"; do
     ln -f "$f" "$bin_dir/" 2>/dev/null || cp -f "$f" "$bin_dir/"
 done
+ln -f "$plugin_v2" "$bin_dir/sluice_plugin_enrich_v2.wasm" 2>/dev/null ||
+    cp -f "$plugin_v2" "$bin_dir/sluice_plugin_enrich_v2.wasm"
 
 say "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg) (2 cores; other work skews the numbers)"
 exec "$bin_dir/sluice-bench" run \
     --sluice "$bin_dir/sluice" \
     --plugin "$bin_dir/$(basename "$plugin")" \
+    --plugin-v2 "$bin_dir/sluice_plugin_enrich_v2.wasm" \
     --work-dir "${SLUICE_BENCH_DIR:-$SLUICE_RUN/bench}" \
     --ch-port "${SLUICE_BENCH_CH_PORT:-18323}" \
     --kafka-port "${SLUICE_BENCH_KAFKA_PORT:-19292}" \

@@ -84,6 +84,16 @@ pub fn table_ddl(table: &str) -> String {
     )
 }
 
+/// The bench table plus the column the enrich plugin's `v2` build adds (`risk_level`), for the
+/// hot-swap run: v1 rows leave it empty.
+pub fn swap_table_ddl(table: &str) -> String {
+    table_ddl(table).replacen(
+        "plugin_version LowCardinality(String),",
+        "plugin_version LowCardinality(String),\n            risk_level LowCardinality(String) DEFAULT '',",
+        1,
+    )
+}
+
 /// A row of the bench table as RowBinary wants it (the raw-insert baseline).
 #[derive(Debug, Clone, clickhouse::Row, serde::Serialize)]
 pub struct TxRow {

@@ -8,4 +8,5 @@ pub mod pipeline;
 pub mod procfs;
 pub mod services;
 pub mod stats;
+pub mod swap;
 pub mod wasm_cost;

@@ -21,6 +21,8 @@ pub struct PipelineSpec {
     pub ch_url: String,
     pub table: String,
     pub plugin: PathBuf,
+    /// The stage's `config` (the enrich plugin's settings).
+    pub plugin_config: serde_json::Value,
     pub state_dir: PathBuf,
 }
 
@@ -38,7 +40,7 @@ impl PipelineSpec {
             },
             "stages": [{
                 "name": "enrich",
-                "wasm": {"plugin": self.plugin, "config": {"version": "v1"}},
+                "wasm": {"plugin": self.plugin, "config": self.plugin_config},
             }],
             "sink": {"clickhouse": {"url": self.ch_url, "table": self.table}},
             "dead_letter": {"topic": format!("{}-dlq", self.topic)},
@@ -81,15 +83,16 @@ pub struct SluiceProc {
 
 impl SluiceProc {
     pub fn spawn(sluice: &Path, config: &Path, log: &Path) -> Result<Self> {
-        Self::spawn_wrapped(&[], sluice, config, log)
+        Self::spawn_wrapped(&[], sluice, config, &[], log)
     }
 
-    /// Runs sluice under `wrapper` (e.g. `perf record ... --`); `pid` is then sluice's own
-    /// process, found as the wrapper's child.
+    /// Runs `sluice run -c config extra...` under `wrapper` (e.g. `perf record ... --`); `pid`
+    /// is then sluice's own process, found as the wrapper's child.
     pub fn spawn_wrapped(
         wrapper: &[String],
         sluice: &Path,
         config: &Path,
+        extra: &[String],
         log: &Path,
     ) -> Result<Self> {
         let file =
@@ -107,6 +110,7 @@ impl SluiceProc {
         let child = cmd
             .args(["run", "-c"])
             .arg(config)
+            .args(extra)
             .env("SLUICE_LOG", "info")
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))

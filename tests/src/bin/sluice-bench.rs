@@ -12,8 +12,12 @@
 //!   of the same rows; then the plain path (`sluice run`, Rust enrich plugin as WASM) on it;
 //! - `latency`: sluice running, events produced at a fixed rate, produce time → row visible;
 //! - `wasm`: the enrich transform native vs through the WASM stage; compile/load/instantiate;
-//! - `scaling`: the plain path with 1, 2, 4 partitions and with 2 instances on 4 partitions.
+//! - `scaling`: the plain path with 1, 2, 4 partitions and with 2 instances on 4 partitions;
+//! - `swap`: sluice with its HTTP API on, events produced at a fixed rate, the enrich stage
+//!   hot-swapped between two versions (`--plugin-v2`) every few seconds: request → response,
+//!   request → first row of the new version visible, and every row checked afterwards.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +35,7 @@ use sluice_tests::bench::pipeline::{self, PipelineSpec, SluiceProc, Visibility};
 use sluice_tests::bench::procfs;
 use sluice_tests::bench::services::BenchServices;
 use sluice_tests::bench::stats::{self, Poll};
+use sluice_tests::bench::swap::{self, Api};
 use sluice_tests::bench::wasm_cost::{self, PluginTimes, WasmCost};
 
 #[derive(Parser)]
@@ -66,6 +71,10 @@ struct RunArgs {
     /// The enrich plugin component (wasm32-wasip2).
     #[arg(long)]
     plugin: PathBuf,
+    /// The enrich plugin built with its `v2` feature; the `swap` phase alternates between the
+    /// two (required by that phase).
+    #[arg(long)]
+    plugin_v2: Option<PathBuf>,
     /// Work dir: service data, pipeline files, logs, results (emptied first).
     #[arg(long)]
     work_dir: PathBuf,
@@ -82,6 +91,15 @@ struct RunArgs {
     latency_rates: Vec<u64>,
     #[arg(long, default_value_t = 20)]
     latency_secs: u64,
+    /// Produce rate during the hot swaps (records/s).
+    #[arg(long, default_value_t = 20_000)]
+    swap_rate: u64,
+    /// Number of hot swaps (alternating v2, v1, v2, ...).
+    #[arg(long, default_value_t = 10)]
+    swaps: usize,
+    /// Time from one swap request to the next (ms).
+    #[arg(long, default_value_t = 2_000)]
+    swap_every_ms: u64,
     /// Records for the native-vs-WASM comparison.
     #[arg(long, default_value_t = 200_000)]
     wasm_records: usize,
@@ -89,7 +107,7 @@ struct RunArgs {
     kafka_port: u16,
     #[arg(long, default_value_t = 18323)]
     ch_port: u16,
-    /// Comma-separated subset of backlog,latency,wasm,scaling (or `all`).
+    /// Comma-separated subset of backlog,latency,wasm,scaling,swap (or `all`).
     #[arg(long, default_value = "all")]
     phases: String,
     /// Run the sluice process of the 1-partition plain-path run under `perf record` (250 Hz,
@@ -180,6 +198,62 @@ struct Latency {
     sluice_peak_rss_mib: f64,
 }
 
+/// One hot swap under load.
+#[derive(Debug, Clone, Serialize)]
+struct SwapSample {
+    /// `v1` or `v2` (the enrich build's default `plugin_version`).
+    to: String,
+    stored_version: u32,
+    request_epoch_ms: i64,
+    /// Request sent → response received (the worker applied the swap at a batch boundary).
+    response_ms: f64,
+    /// Request sent → first row of the new version at or after its switch point visible.
+    visible_ms: f64,
+    from_offsets: BTreeMap<String, i64>,
+    /// That first row's own produce → visible time (the pipeline's latency at that moment).
+    switch_row_produce_to_visible_ms: Option<i64>,
+    /// Produce time of the last row still processed by the old version, relative to the
+    /// request (negative: everything produced after the request got the new version).
+    last_old_row_after_request_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct SwapRun {
+    target_rate: u64,
+    achieved_rate: f64,
+    swap_every_ms: u64,
+    /// sluice's batch age limit (`sink.batch.max_age_ms`; the bench pipeline keeps the default).
+    batch_interval_ms: u64,
+    poll_every_ms: u64,
+    swaps: Vec<SwapSample>,
+    response_p50_ms: f64,
+    response_max_ms: f64,
+    visible_p50_ms: f64,
+    visible_max_ms: f64,
+    /// Records produced (warm-up included) and what the table holds at the end.
+    produced: u64,
+    rows: u64,
+    distinct_ids: u64,
+    rows_per_version: BTreeMap<String, u64>,
+    /// Rows whose version is not the one the API's switch points say applies at their offset,
+    /// or whose `risk_level` does not match their version.
+    version_mismatches: u64,
+    sluice_cpu_s_per_million: f64,
+    sluice_peak_rss_mib: f64,
+    /// CPU taken by everything but sluice, the broker and ClickHouse while swapping (the
+    /// driver's producer and poller included), per second.
+    other_cpu_per_s: f64,
+    loadavg_at_start: String,
+}
+
+impl SwapRun {
+    fn intact(&self) -> bool {
+        self.rows == self.produced
+            && self.distinct_ids == self.produced
+            && self.version_mismatches == 0
+    }
+}
+
 #[derive(Debug, Default, Serialize)]
 struct Results {
     machine: Machine,
@@ -196,6 +270,7 @@ struct Results {
     wasm: Vec<WasmCost>,
     plugin: Option<PluginTimes>,
     scaling: Vec<PathRun>,
+    swap: Option<SwapRun>,
     total_secs: f64,
 }
 
@@ -353,6 +428,7 @@ impl Bench {
             ch_url: self.svc.ch_url(),
             table: table.to_string(),
             plugin: self.args.plugin.clone(),
+            plugin_config: serde_json::json!({"version": "v1"}),
             state_dir: self.work.join("state").join(name),
         }
     }
@@ -415,6 +491,7 @@ impl Bench {
                 &wrapper,
                 &self.sluice,
                 cfg,
+                &[],
                 &log,
             )?);
         }
@@ -609,6 +686,243 @@ impl Bench {
             sluice_peak_rss_mib: u.peak_rss_mib(),
         })
     }
+
+    /// Hot swaps under load: sluice with its API on, `swap_rate` records/s produced, the enrich
+    /// stage swapped v2, v1, v2, ... every `swap_every_ms`; each swap timed to its response and
+    /// to the first row of the new version visible; every row checked at the end.
+    async fn swap(&mut self) -> Result<SwapRun> {
+        let v2_plugin = self
+            .args
+            .plugin_v2
+            .clone()
+            .context("the swap phase needs --plugin-v2 (scripts/bench.sh builds it)")?;
+        let (rate, n_swaps) = (self.args.swap_rate, self.args.swaps);
+        let every = Duration::from_millis(self.args.swap_every_ms);
+        let loadavg_at_start = std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        self.svc.fresh_kafka()?;
+        let brokers = self.svc.brokers();
+        // One partition: every swap has one switch point, and a row's version follows from it.
+        let topic = "swap";
+        kafka::create_topic(&brokers, topic, 1).await?;
+        kafka::create_topic(&brokers, "swap-dlq", 1).await?;
+        let table = "swap";
+        self.ch_exec(&format!("DROP TABLE IF EXISTS {table} SYNC"))
+            .await?;
+        self.ch_exec(&events::swap_table_ddl(table)).await?;
+        // Warm-up records: sluice has processed a batch of the partition before the first swap.
+        let warm = 2_000usize;
+        let mut rng = sluice_tests::workload::Rng::new(5);
+        let warmup: Vec<BenchEvent> = (0..warm)
+            .map(|i| events::event(i, &mut rng, Some(kafka::now_ms())))
+            .collect();
+        tokio::task::block_in_place(|| kafka::produce_all(&brokers, topic, &warmup))?;
+
+        let id = self.next_id();
+        let name = format!("swap{id}");
+        let mut spec = self.spec(&name, topic, &format!("swap-{id}"), table);
+        // No `version` in the stage config: each build writes its own default ("v1", "v2") to
+        // `plugin_version`, so a row shows which version produced it.
+        spec.plugin_config = serde_json::json!({});
+        let cfg = spec.write(&self.work.join("pipelines"))?;
+        pipeline::warm_plugin_cache(&self.sluice, &cfg)?;
+        let port = swap::free_port()?;
+        let extra = ["--api-listen".to_string(), format!("127.0.0.1:{port}")];
+        let log = self.work.join("logs").join("swap.log");
+        let start = Instant::now();
+        let mut procs = vec![SluiceProc::spawn_wrapped(
+            &[],
+            &self.sluice,
+            &cfg,
+            &extra,
+            &log,
+        )?];
+        pipeline::wait_visible(
+            &self.ch,
+            table,
+            warm as u64,
+            &mut procs,
+            start,
+            Duration::from_millis(50),
+            Duration::from_secs(120),
+        )
+        .await?;
+        let api = Api::new(port)?;
+        api.wait_running(&name, &mut procs[0], Duration::from_secs(60))
+            .await?;
+        let v1 = api.upload("enrich", &self.args.plugin).await?;
+        let v2 = api.upload("enrich", &v2_plugin).await?;
+        say(format!(
+            "swap: {rate} records/s, {n_swaps} hot swaps {} ms apart (stored versions: v1 = {v1}, v2 = {v2})",
+            every.as_millis()
+        ));
+
+        // The producer runs from 2 s before the first swap until 3 s after the last.
+        let lead = Duration::from_secs(2);
+        let secs = (lead + every * n_swaps as u32 + Duration::from_secs(3))
+            .as_secs_f64()
+            .ceil() as u64;
+        let pid = procs[0].pid;
+        procfs::reset_peak_rss(pid).ok();
+        let cpu0 = procs[0].usage().cpu_s;
+        let b = brokers.clone();
+        let producer =
+            tokio::task::spawn_blocking(move || kafka::produce_paced(&b, topic, rate, secs, warm));
+        tokio::time::sleep(lead).await;
+        let (broker_pid, ch_pid) = (self.svc.kafka_pid(), self.svc.ch_pid());
+        let (sl0, b0, c0, m0) = (
+            procs[0].usage().cpu_s,
+            Self::pid_cpu(broker_pid),
+            Self::pid_cpu(ch_pid),
+            procfs::machine_busy_s(),
+        );
+        let poll_every = Duration::from_millis(10);
+        let t0 = Instant::now();
+        let mut samples = Vec::new();
+        for i in 0..n_swaps {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + every * i as u32)).await;
+            let (to, version) = if i % 2 == 0 { ("v2", v2) } else { ("v1", v1) };
+            let request_epoch_ms = kafka::now_ms();
+            let t_req = Instant::now();
+            let out = api.swap(&name, "enrich", "enrich", version).await?;
+            let response_ms = t_req.elapsed().as_secs_f64() * 1e3;
+            if out.applies != "next_batch" {
+                bail!("swap {i} applies at {:?}, not the next batch", out.applies);
+            }
+            // Rows of the new version at or after the switch point: before it, the same
+            // version can only be an earlier swap's.
+            let sql = format!(
+                "SELECT count() FROM {table} WHERE plugin_version = '{to}' AND ({})",
+                swap::switched_rows_sql(&out.from_offsets, topic)
+            );
+            let visible_ms = loop {
+                let n: u64 = self.ch.query(&sql).fetch_one().await?;
+                if n > 0 {
+                    break t_req.elapsed().as_secs_f64() * 1e3;
+                }
+                procs[0].check_alive()?;
+                if t_req.elapsed() > Duration::from_secs(120) {
+                    bail!(
+                        "swap {i} to {to}: no row of it visible after 120 s\n{}",
+                        procs[0].log_tail()
+                    );
+                }
+                tokio::time::sleep(poll_every).await;
+            };
+            say(format!(
+                "swap {} → {to}: response {response_ms:.0} ms, first row visible {visible_ms:.0} ms, from {:?}",
+                i + 1,
+                out.from_offsets
+            ));
+            samples.push(SwapSample {
+                to: to.to_string(),
+                stored_version: version,
+                request_epoch_ms,
+                response_ms,
+                visible_ms,
+                from_offsets: out.from_offsets,
+                switch_row_produce_to_visible_ms: None,
+                last_old_row_after_request_ms: None,
+            });
+        }
+        let swap_secs = t0.elapsed().as_secs_f64();
+        let (sl1, b1, c1, m1) = (
+            procs[0].usage().cpu_s,
+            Self::pid_cpu(broker_pid),
+            Self::pid_cpu(ch_pid),
+            procfs::machine_busy_s(),
+        );
+        let paced = producer.await??;
+        let produced = (warm + paced.sent) as u64;
+        let all = pipeline::wait_visible(
+            &self.ch,
+            table,
+            produced,
+            &mut procs,
+            start,
+            Duration::from_millis(100),
+            Duration::from_secs(start.elapsed().as_secs() + 300),
+        )
+        .await?;
+        // A moment more: a duplicate batch would show up after the last expected row.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let u = all.usage[0];
+        procs[0].terminate(Duration::from_secs(30))?;
+        std::fs::remove_dir_all(&spec.state_dir).ok();
+
+        // Every row: produced by the version the API's switch points name for its offset.
+        let rows: Vec<(i32, i64, String, String, i64)> = self
+            .ch
+            .query(&format!(
+                "SELECT source_partition, source_offset, plugin_version, risk_level, \
+                 toUnixTimestamp64Milli(ts) FROM {table}"
+            ))
+            .fetch_all()
+            .await?;
+        let distinct_ids: u64 = self
+            .ch
+            .query(&format!("SELECT uniqExact(id) FROM {table}"))
+            .fetch_one()
+            .await?;
+        let switches: Vec<(String, BTreeMap<String, i64>)> = samples
+            .iter()
+            .map(|s| (s.to.clone(), s.from_offsets.clone()))
+            .collect();
+        let mut rows_per_version = BTreeMap::new();
+        let mut version_mismatches = 0u64;
+        let mut produced_at = std::collections::HashMap::new();
+        for (part, offset, version, risk, ts) in &rows {
+            *rows_per_version.entry(version.clone()).or_insert(0u64) += 1;
+            let want = swap::expected_version(&switches, "v1", topic, *part, *offset);
+            if version != want || (version == "v2") == risk.is_empty() {
+                version_mismatches += 1;
+            }
+            produced_at.insert((*part, *offset), *ts);
+        }
+        let key = format!("{topic}/0");
+        for s in &mut samples {
+            // The switch row (partition 0's first offset of the new version), produce → seen.
+            let from = s.from_offsets.get(&key).copied();
+            s.switch_row_produce_to_visible_ms = from
+                .and_then(|o| produced_at.get(&(0, o)))
+                .map(|ts| s.request_epoch_ms + s.visible_ms as i64 - ts);
+            s.last_old_row_after_request_ms = from
+                .and_then(|o| produced_at.get(&(0, o - 1)))
+                .map(|ts| ts - s.request_epoch_ms);
+        }
+        self.ch_exec(&format!("DROP TABLE {table} SYNC")).await?;
+
+        let sorted = |f: fn(&SwapSample) -> f64| {
+            let mut v: Vec<f64> = samples.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let (resp, vis) = (sorted(|s| s.response_ms), sorted(|s| s.visible_ms));
+        let q = |v: &[f64], x: f64| stats::quantile(v, x).unwrap_or(f64::NAN);
+        Ok(SwapRun {
+            target_rate: rate,
+            achieved_rate: paced.sent as f64 / paced.secs,
+            swap_every_ms: self.args.swap_every_ms,
+            batch_interval_ms: BATCH_INTERVAL_MS,
+            poll_every_ms: poll_every.as_millis() as u64,
+            response_p50_ms: q(&resp, 0.5),
+            response_max_ms: q(&resp, 1.0),
+            visible_p50_ms: q(&vis, 0.5),
+            visible_max_ms: q(&vis, 1.0),
+            swaps: samples,
+            produced,
+            rows: rows.len() as u64,
+            distinct_ids,
+            rows_per_version,
+            version_mismatches,
+            sluice_cpu_s_per_million: (u.cpu_s - cpu0) * 1e6 / paced.sent as f64,
+            sluice_peak_rss_mib: u.peak_rss_mib(),
+            other_cpu_per_s: ((m1 - m0) - (sl1 - sl0) - (b1 - b0) - (c1 - c0)) / swap_secs,
+            loadavg_at_start,
+        })
+    }
 }
 
 /// Bytes of all files under `dir`.
@@ -712,7 +1026,8 @@ const FULL_PATH: &str =
     "not measured yet (dedup and join stages are landing; not wired into sluice-bench)";
 const STATE: &str =
     "not measured by sluice-bench: `state-bench` measures it (docs/benchmarks.md, State)";
-const HOT_SWAP: &str = "not measured yet (hot swap not built)";
+/// sluice's default `sink.batch.max_age_ms`; `PipelineSpec` sets no `batch` section.
+const BATCH_INTERVAL_MS: u64 = 250;
 
 fn report(r: &Results) -> String {
     let mut t = String::new();
@@ -910,7 +1225,92 @@ fn report(r: &Results) -> String {
         "≤ 1 GiB, ≥ 1 M/s",
         None,
     );
-    row("hot-swap latency under load", HOT_SWAP.into(), "", None);
+    if let Some(s) = &r.swap {
+        let bi = s.batch_interval_ms as f64;
+        row(
+            &format!(
+                "hot swap at {} records/s: request → response (swap applied at a batch boundary)",
+                s.target_rate
+            ),
+            format!(
+                "p50 {:.0} ms ({:.2}× the {} ms batch interval), max {:.0} ms ({:.2}×) over {} swaps {} ms apart (achieved {:.0}/s)",
+                s.response_p50_ms,
+                s.response_p50_ms / bi,
+                s.batch_interval_ms,
+                s.response_max_ms,
+                s.response_max_ms / bi,
+                s.swaps.len(),
+                s.swap_every_ms,
+                s.achieved_rate
+            ),
+            "≤ 1 batch interval",
+            Some(s.response_max_ms <= bi),
+        );
+        let mut ages: Vec<i64> = s
+            .swaps
+            .iter()
+            .filter_map(|w| w.switch_row_produce_to_visible_ms)
+            .collect();
+        ages.sort_unstable();
+        let mut old: Vec<i64> = s
+            .swaps
+            .iter()
+            .filter_map(|w| w.last_old_row_after_request_ms)
+            .collect();
+        old.sort_unstable();
+        row(
+            "hot swap: last row still through the old version, produced … after the request",
+            format!(
+                "p50 {} ms, max {} ms (negative: produced before the request)",
+                stats::quantile(&old, 0.5).unwrap_or(i64::MIN),
+                old.last().copied().unwrap_or(i64::MIN)
+            ),
+            "",
+            None,
+        );
+        row(
+            "hot swap: request → first row of the new version visible in ClickHouse",
+            format!(
+                "p50 {:.0} ms ({:.2}× the batch interval), max {:.0} ms ({:.2}×); poll every {} ms; that row's own produce → visible: p50 {} ms",
+                s.visible_p50_ms,
+                s.visible_p50_ms / bi,
+                s.visible_max_ms,
+                s.visible_max_ms / bi,
+                s.poll_every_ms,
+                stats::quantile(&ages, 0.5).unwrap_or(-1)
+            ),
+            "",
+            None,
+        );
+        row(
+            "hot swap run: rows",
+            format!(
+                "{} rows, {} distinct ids, {} produced; {} rows not from the version the API named for their offset ({}); sluice {:.2} CPU-s per M, peak RSS {:.0} MiB; other processes {:.2} CPU-s/s (load average at start {})",
+                s.rows,
+                s.distinct_ids,
+                s.produced,
+                s.version_mismatches,
+                s.rows_per_version
+                    .iter()
+                    .map(|(v, n)| format!("{v}: {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                s.sluice_cpu_s_per_million,
+                s.sluice_peak_rss_mib,
+                s.other_cpu_per_s,
+                s.loadavg_at_start
+            ),
+            "none lost or duplicated",
+            Some(s.intact()),
+        );
+    } else {
+        row(
+            "hot-swap latency under load",
+            "not measured in this run (`--phases swap`)".into(),
+            "",
+            None,
+        );
+    }
     for s in &r.scaling {
         row(
             &format!("scaling: {} partition(s), {} instance(s)", s.partitions, s.instances),
@@ -965,6 +1365,9 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     if !args.plugin.is_file() {
         bail!("plugin {} not found", args.plugin.display());
+    }
+    if args.phase("swap") && !args.plugin_v2.as_ref().is_some_and(|p| p.is_file()) {
+        bail!("the swap phase needs --plugin-v2 <the enrich plugin built with --features v2>");
     }
     let work = args.work_dir.clone();
     if work.exists() {
@@ -1078,6 +1481,14 @@ async fn phases(b: &mut Bench, r: &mut Results) -> Result<()> {
                         .await?,
                 );
             }
+        }
+    }
+    if b.args.phase("swap") {
+        let s = b.swap().await?;
+        let intact = s.intact();
+        r.swap = Some(s);
+        if !intact {
+            bail!("swap: rows lost, duplicated or from the wrong version (see the results)");
         }
     }
     b.svc.stop_kafka()?;
