@@ -2,7 +2,8 @@
 //! durations, order-preserving encodings of times, and bounded sweeps of time-ordered indexes.
 //!
 //! Nothing here keeps anything per key in memory: keys live in RocksDB (through
-//! [`StageState`]), so state size is bounded by disk, not RAM.
+//! [`StageState`]), so state size is bounded by disk, not RAM. (The dedup stage adds an
+//! in-memory index of its keys on top, see `dedup::index`.)
 
 use std::borrow::Cow;
 use std::fmt;

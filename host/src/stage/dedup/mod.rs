@@ -34,7 +34,7 @@ use super::keyed::{
 };
 use super::{BatchContext, Stage, StageError, StageOutput};
 pub use config::DedupConfig;
-use index::{Changes, FingerprintMap, Hashes, PartitionIndex, Seen};
+use index::{Changes, Fingerprint, FingerprintMap, Hashes, PartitionIndex, Seen};
 
 const WATERMARK: &[u8] = b"W";
 const CURSOR: &[u8] = b"C";
@@ -201,9 +201,25 @@ impl DedupStage {
         // This batch's inserts: the index changes only when the batch commits.
         let mut fresh: FingerprintMap<Seen> = FingerprintMap::default();
 
-        for r in batch {
-            let read = self.spec.read(&r);
-            let Some((key, ts)) = or_dead_letter(read, &mut out, &self.name, &r) else {
+        // Keys and fingerprints first, then all index probes in one tight loop: independent
+        // probes overlap their cache misses (a large index is far bigger than the CPU caches).
+        let keyed: Vec<Option<(Vec<u8>, i64, Fingerprint)>> = batch
+            .iter()
+            .map(|r| {
+                let read = self.spec.read(r).map(|(key, ts)| {
+                    let fp = self.hashes.key(&key);
+                    (key, ts, fp)
+                });
+                or_dead_letter(read, &mut out, &self.name, r)
+            })
+            .collect();
+        let probes: Vec<Option<Seen>> = keyed
+            .iter()
+            .map(|k| k.as_ref().and_then(|(_, _, fp)| index.get(fp)))
+            .collect();
+
+        for ((r, keyed), probe) in batch.into_iter().zip(keyed).zip(probes) {
+            let Some((key, ts, fp)) = keyed else {
                 continue;
             };
             let w = wm.map_or(ts, |w| w.max(ts));
@@ -216,8 +232,7 @@ impl DedupStage {
                 out.records.push(r);
                 continue;
             }
-            let fp = self.hashes.key(&key);
-            let mut known = fresh.get(&fp).copied().or_else(|| index.get(&fp));
+            let mut known = fresh.get(&fp).copied().or(probe);
             if known.is_some_and(|seen| seen.ts() >= oldest_live && seen.at() == tag_of(&r)) {
                 // Perhaps this very record read again (a rewound partition): the stored
                 // position decides. Absent means the fingerprint was another key's.
