@@ -800,6 +800,11 @@ impl PipelineHandle {
                         self.set_state(RunState::Paused, Some("paused over the API".into()));
                     }
                 }
+                Err(PipelineError::Rejoin(why)) => {
+                    tracing::warn!(pipeline = %self.name(), "{why}: restarting the run");
+                    lock(&self.inner).last_error = Some(why);
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
                 Err(PipelineError::Stage(e)) if e.breaker_open => {
                     lock(&self.inner).last_error = Some(e.to_string());
                     if let Some(out) = self.auto_rollback(&e.stage).await {

@@ -53,6 +53,10 @@ pub enum PipelineError {
     Stage(#[from] StageError),
     #[error("pipeline worker stopped: {0}")]
     Worker(String),
+    /// The consumer group moved on (e.g. after a broker restart): the run ends and is
+    /// restarted; the journal makes that safe.
+    #[error("the consumer must rejoin its group: {0}")]
+    Rejoin(String),
 }
 
 /// Counters for progress lines (and metrics).
@@ -663,6 +667,19 @@ impl Worker {
         loop {
             match self.committer.commit(pk, last + 1).await {
                 Ok(()) => break,
+                // The consumer must rejoin the group before any commit can succeed, and it
+                // cannot while this worker holds up the loop: end the run. The supervisor
+                // starts a new one, which re-sends this batch from the journal (same tokens)
+                // and commits it.
+                Err(SourceError::Commit {
+                    group_changed: true,
+                    message,
+                    ..
+                }) => {
+                    return Err(PipelineError::Rejoin(format!(
+                        "offset commit of {pk} refused ({message})"
+                    )))
+                }
                 Err(e) if started.elapsed() < COMMIT_PATIENCE => {
                     tracing::warn!("{e}; retrying");
                     backoff.wait().await;

@@ -35,6 +35,9 @@ pub enum SourceError {
         partition: PartitionKey,
         offset: i64,
         message: String,
+        /// The group moved on (new generation, member unknown or fenced, rebalance running):
+        /// retrying this consumer's commit cannot succeed before it rejoins.
+        group_changed: bool,
     },
 }
 
@@ -122,6 +125,9 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
 ];
 
 pub struct KafkaSource {
+    /// When a recoverable consumption error was last logged (rate limit across `recv` calls,
+    /// whose futures the engine drops and recreates).
+    last_warning: std::sync::Mutex<Option<std::time::Instant>>,
     consumer: Arc<SluiceConsumer>,
     /// Topic names already seen, shared by every record of the topic (an `Arc<str>` per
     /// message was an allocation and a free per record).
@@ -175,6 +181,7 @@ impl KafkaSource {
             Self {
                 consumer: Arc::new(consumer),
                 topics: std::sync::Mutex::new(Vec::new()),
+                last_warning: std::sync::Mutex::new(None),
             },
             rx,
         ))
@@ -186,7 +193,6 @@ impl KafkaSource {
     /// restart, a transport failure, a partition EOF) are logged, at most once per 10 s, and
     /// waited out; only fatal ones end the pipeline.
     pub async fn recv(&self) -> Result<Origin, SourceError> {
-        let mut last_warning: Option<std::time::Instant> = None;
         loop {
             match self.consumer.recv().await {
                 Ok(m) => {
@@ -194,8 +200,7 @@ impl KafkaSource {
                     return Ok(to_origin(&m, topic));
                 }
                 Err(KafkaError::MessageConsumption(code)) => {
-                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        last_warning = Some(std::time::Instant::now());
+                    if self.warn_now() {
                         tracing::warn!("kafka consumption: {code} (librdkafka retries; waiting)");
                     }
                     // Without a pause a persistent error would spin.
@@ -204,6 +209,16 @@ impl KafkaSource {
                 Err(e) => return Err(SourceError::Receive(e.to_string())),
             }
         }
+    }
+
+    /// True at most once per 10 s.
+    fn warn_now(&self) -> bool {
+        let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        true
     }
 
     fn topic(&self, name: &str) -> Arc<str> {
@@ -239,21 +254,32 @@ impl Committer {
     pub async fn commit(&self, pk: &PartitionKey, next_offset: i64) -> Result<(), SourceError> {
         let consumer = self.consumer.clone();
         let key = pk.clone();
-        let err = |message: String| SourceError::Commit {
+        let err = |(message, group_changed): (String, bool)| SourceError::Commit {
             partition: pk.clone(),
             offset: next_offset,
             message,
+            group_changed,
         };
         tokio::task::spawn_blocking(move || {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&key.topic, key.partition, Offset::Offset(next_offset))
-                .map_err(|e| e.to_string())?;
-            consumer
-                .commit(&tpl, CommitMode::Sync)
-                .map_err(|e| e.to_string())
+                .map_err(|e| (e.to_string(), false))?;
+            consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
+                use rdkafka::types::RDKafkaErrorCode as C;
+                let changed = matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        C::IllegalGeneration
+                            | C::UnknownMemberId
+                            | C::RebalanceInProgress
+                            | C::FencedInstanceId
+                    )
+                );
+                (e.to_string(), changed)
+            })
         })
         .await
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err((e.to_string(), false)))?
         .map_err(err)
     }
 
