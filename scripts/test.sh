@@ -103,7 +103,7 @@ run_tests() {
     SLUICE_TEST_CLICKHOUSE_URL="http://127.0.0.1:$CH_PORT" \
         SLUICE_TEST_KAFKA_BROKERS="127.0.0.1:$NOIDA_PORT" \
         SLUICE_TEST_KAFKA_BROKER=noida \
-        cargo test --release --workspace --no-fail-fast -- --skip rebalance_
+        cargo test --release --workspace --no-fail-fast
 }
 
 run_e2e_tansu() {

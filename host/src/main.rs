@@ -18,6 +18,7 @@ use sluice::pipeline::{Pipeline, PipelineError};
 use sluice::plugin_store::PluginStore;
 use sluice::sink::clickhouse::writer::ClickHouseSink;
 use sluice::stage::wasm::PluginRuntime;
+use sluice::state::changelog::Changelog;
 use sluice::state::StateStore;
 use sluice::validate::{validate, Checks};
 
@@ -367,7 +368,16 @@ async fn build_pipeline(
     let state = StateStore::open_with(&cfg.state_dir(), cfg.pipeline.state.memory())?;
     DeadLetterQueue::ensure_topic(&p.kafka, &p.dead_letter.topic).await?;
     let dlq = DeadLetterQueue::connect(&p.kafka, &p.dead_letter.topic, &p.name)?;
-    let pipeline = Pipeline::new(cfg.clone(), sink, dlq, state);
+    let mut pipeline = Pipeline::new(cfg.clone(), sink, dlq, state);
+    if let Some(c) = &p.state.changelog {
+        let mut topics = p.kafka.topics.clone();
+        topics.extend(
+            p.stages
+                .iter()
+                .filter_map(|s| s.join.as_ref().map(|j| j.side_topic().to_string())),
+        );
+        pipeline = pipeline.with_changelog(Changelog::connect(&p.kafka, c, &topics).await?);
+    }
     let handle = PipelineHandle::new(cfg, &pipeline, runtime.clone(), Some(store.clone()));
     // Build the stages once now (plugins as selected in the store), so that a plugin its
     // config refuses is an error at start, not a pipeline that never runs.

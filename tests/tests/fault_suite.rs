@@ -13,8 +13,8 @@
 //! `SLUICE_FAULT_SEED=<n>` repeats a run's random choices (each test prints its seed).
 //!
 //! Scenarios run one at a time (they load the machine and one measures memory). The
-//! `rebalance_` test covers state hand-off between instances, which is not implemented yet
-//! (see the issue): it is expected to fail and can be skipped with `--skip rebalance_`.
+//! `rebalance_` test runs two instances that hand partition state over through the state
+//! changelog topic (`state.changelog`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -90,6 +90,8 @@ struct Target {
     table: String,
     state: String,
     instance_id: Option<String>,
+    /// The state changelog topic (state hand-off between instances), if any.
+    changelog: Option<String>,
 }
 
 struct Workload {
@@ -216,6 +218,7 @@ impl Workload {
             table: self.table.clone(),
             state: "state".into(),
             instance_id: None,
+            changelog: None,
         }
     }
 
@@ -228,7 +231,12 @@ impl Workload {
         let instance = t
             .instance_id
             .as_ref()
-            .map(|i| format!("  instance_id: {i}\n"))
+            .map(|i| format!("  instance_id: \"{i}\"\n"))
+            .unwrap_or_default();
+        let changelog = t
+            .changelog
+            .as_ref()
+            .map(|c| format!("  changelog: {{topic: {c}}}\n"))
             .unwrap_or_default();
         std::fs::write(
             &path,
@@ -275,7 +283,7 @@ dead_letter:
   topic: {dlq}
 state:
   dir: {state}
-"#,
+{changelog}"#,
                 group = t.group,
                 brokers = self.brokers,
                 tx = self.tx_topic,
@@ -671,7 +679,12 @@ async fn fault_kill9_at_random_moments_loses_and_duplicates_nothing() -> Result<
             0,
         )
         .await?;
-        let target = w.main_target();
+        let mut target = w.main_target();
+        // Every other round with the state changelog: each restart then also restores from it
+        // (the batch in flight comes back from the changelog's copy).
+        if round % 2 == 1 {
+            target.changelog = Some(format!("{}-state", target.group));
+        }
         // Small batches: kills land between many journal writes, inserts and commits.
         let config = w.config(&target, 100)?;
         let cfg = config.to_string_lossy().into_owned();
@@ -760,7 +773,8 @@ async fn fault_kill9_at_random_moments_loses_and_duplicates_nothing() -> Result<
         runs,
         outcome: total.clone(),
         note: format!(
-            "{kills} random kills, {injected} injected crashes, {replays} batches re-sent from the journal"
+            "{kills} random kills, {injected} injected crashes, {replays} batches re-sent from the journal; \
+             odd rounds with the state changelog"
         ),
     });
     ensure!(
@@ -1099,15 +1113,15 @@ impl Supervised {
 // 4. Two instances in one group, one killed and restarted (rebalances both ways)
 // ---------------------------------------------------------------------------------------------
 
-/// Expected to fail until partition state moves with the partition (issue 5): the instance that
-/// gains a partition starts with no dedup keys and no buffered join side for it.
+/// Both instances hand partition state over through the state changelog topic: the instance
+/// that gains a partition restores its dedup keys, buffered join sides and in-flight batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let seed = faults::seed();
     say(format!("rebalance: seed {seed}"));
     let mut rng = Rng::new(seed);
-    let runs = pick(1, 3);
+    let runs = pick(2, 4);
     let cycles = 2;
     let rate = 300u64;
     let kafka = services::kafka().await?;
@@ -1115,6 +1129,7 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
 
     let mut total = Outcome::default();
     let mut problems = Vec::new();
+    let mut restored = 0;
     for run in 0..runs {
         let w = Workload::new(
             &kafka.brokers,
@@ -1124,15 +1139,34 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
             0,
         )
         .await?;
+        // Even runs: static membership, B is killed (-9). Odd runs: dynamic membership, B stops
+        // and leaves the group, so A takes its partitions at once. Either way B comes back
+        // with an empty state dir (a replaced machine): everything it then holds was restored
+        // from the changelog, including a batch the killed B had in flight.
+        let dynamic = run % 2 == 1;
+        let id = |suffix: &str| {
+            if dynamic {
+                Some(String::new())
+            } else {
+                Some(format!("{}-{suffix}", w.group))
+            }
+        };
         let mut a_target = w.main_target();
         a_target.state = "state-a".into();
-        a_target.instance_id = Some(format!("{}-a", w.group));
-        let b_target = Target {
-            state: "state-b".into(),
-            instance_id: Some(format!("{}-b", w.group)),
+        a_target.instance_id = id("a");
+        // SLUICE_FAULT_NO_CHANGELOG=1 shows what the scenario catches without the hand-off
+        // (the restore-count check then fails as well).
+        if std::env::var_os("SLUICE_FAULT_NO_CHANGELOG").is_none() {
+            a_target.changelog = Some(format!("{}-state", w.group));
+        }
+        let b_target = |c: usize| Target {
+            state: format!("state-b{c}"),
+            instance_id: id("b"),
+            changelog: a_target.changelog.clone(),
             ..w.main_target()
         };
-        let (a_cfg, b_cfg) = (w.config(&a_target, 100)?, w.config(&b_target, 100)?);
+        let a_cfg = w.config(&a_target, 100)?;
+        let b_cfg = w.config(&b_target(0), 100)?;
         let mut a = SluiceProcess::run(&a_cfg, &w.log(&format!("a{run}")))?;
         let mut b = SluiceProcess::run(&b_cfg, &w.log(&format!("b{run}-0")))?;
         let load = w.start_load(rate)?;
@@ -1145,10 +1179,17 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
         .await?;
         for c in 0..cycles {
             tokio::time::sleep(ms(2000 + rng.below(3000))).await;
-            b.kill9()?;
-            // A takes B's partitions once the broker expires B (session timeout 10 s).
+            if dynamic {
+                stop(&mut b)?;
+            } else {
+                b.kill9()?;
+            }
+            // A takes B's partitions: at once after a leave; after a kill once the broker
+            // expires B (session timeout 10 s; noida-db never expires a static member, so
+            // there B's partitions wait for it).
             tokio::time::sleep(Duration::from_secs(15)).await;
             a.check_alive()?;
+            let b_cfg = w.config(&b_target(c + 1), 100)?;
             b = SluiceProcess::run(&b_cfg, &w.log(&format!("b{run}-{}", c + 1)))?;
             // B gets its partitions back.
             tokio::time::sleep(Duration::from_secs(8)).await;
@@ -1170,6 +1211,38 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
         .await?;
         stop(&mut a)?;
         stop(&mut b)?;
+        // The partitions did move with their state: each instance restored what the other
+        // had written while it owned them.
+        let logs = std::iter::once(w.log(&format!("a{run}")))
+            .chain((0..=cycles).map(|c| w.log(&format!("b{run}-{c}"))));
+        let restores: usize = logs
+            .map(|l| {
+                std::fs::read_to_string(l)
+                    .unwrap_or_default()
+                    .matches("state restored from the changelog")
+                    .count()
+            })
+            .sum();
+        say(format!(
+            "rebalance run {run}: {restores} partition restores from the changelog"
+        ));
+        restored += restores;
+        if restores < cycles {
+            let keep = tempfile::Builder::new()
+                .prefix("sluice-rebalance-logs")
+                .tempdir()?
+                .keep();
+            for l in std::fs::read_dir(w.dir.path())?.flatten() {
+                if l.path().extension().is_some_and(|e| e == "log") {
+                    std::fs::copy(l.path(), keep.join(l.file_name()))?;
+                }
+            }
+            problems.push(format!(
+                "run {run}: only {restores} restores from the state changelog for {cycles} \
+                 hand-offs (logs in {})",
+                keep.display()
+            ));
+        }
 
         // The same topics through one undisturbed instance: its rows are the model's (else the
         // model is wrong), and the dedup decisions of the two instances must equal its.
@@ -1178,6 +1251,7 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
             table: unique_name("fsingle"),
             state: "state-single".into(),
             instance_id: None,
+            changelog: None,
         };
         w.create_table(&single.table).await?;
         let mut s = SluiceProcess::run(&w.config(&single, 100)?, &w.log("single"))?;
@@ -1206,11 +1280,15 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
     }
     record(ScenarioResult {
         scenario: format!(
-            "2 instances, one killed and restarted {cycles}× per run (rebalances both ways)"
+            "2 instances, one killed (-9, static membership) or stopped (dynamic: rebalances both \
+             ways) and restarted on an empty state dir {cycles}× per run"
         ),
         runs,
         outcome: total.clone(),
-        note: "compared with the model and a single-instance run of the same topics".into(),
+        note: format!(
+            "state handed over through the changelog topic ({restored} partition restores); \
+             compared with the model and a single-instance run of the same topics"
+        ),
     });
     ensure!(
         total.clean() && problems.is_empty(),

@@ -66,7 +66,9 @@ pub struct KafkaConfig {
     /// Static group membership id (`group.instance.id`). A restarted instance with the same id
     /// gets its partitions back at once instead of waiting for the broker to expire the old
     /// member. Default: derived from the pipeline name, host name and state directory, so it
-    /// is stable across restarts and distinct for every instance with its own state.
+    /// is stable across restarts and distinct for every instance with its own state. An
+    /// empty string turns static membership off: the instance leaves the group when it stops,
+    /// so its partitions move to the others at once (and back when it rejoins).
     #[serde(default)]
     pub instance_id: Option<String>,
     /// Passed through to librdkafka unchanged (SASL, TLS, timeouts...).
@@ -340,6 +342,23 @@ pub struct StateConfig {
     /// are in memory. Default 32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_buffer_mb: Option<usize>,
+    /// Hand-off of per-partition state between instances of one consumer group through a
+    /// compacted Kafka topic. Needed when more than one instance runs the pipeline: without
+    /// it, a partition that moves arrives at its new owner without its dedup keys and join
+    /// buffers, and a batch in flight at a crash is not re-sent with its tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changelog: Option<ChangelogConfig>,
+}
+
+/// See `docs/reliability.md` ("State hand-off").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangelogConfig {
+    /// The topic (created compacted, one partition per source partition number, if absent).
+    pub topic: String,
+    /// Replication factor when sluice creates the topic; default: the broker's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<i16>,
 }
 
 impl StateConfig {

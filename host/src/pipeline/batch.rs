@@ -15,6 +15,9 @@ pub struct SealedBatch {
     pub first: i64,
     pub last: i64,
     pub records: Vec<Record>,
+    /// The epoch of the partition's assignment when the batch was sealed (see
+    /// [`crate::source::kafka::Ownership`]); set by the engine.
+    pub epoch: Option<u64>,
 }
 
 /// Records of one partition waiting to become a batch.
@@ -76,6 +79,7 @@ impl Accumulator {
             first,
             last,
             records: self.records,
+            epoch: None,
         })
     }
 }

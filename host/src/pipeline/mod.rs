@@ -33,9 +33,10 @@ use crate::fault;
 use crate::metrics::METRICS;
 use crate::record::{DeadLetter, Record};
 use crate::sink::clickhouse::writer::{dedup_token, ClickHouseSink, SinkError};
-use crate::source::kafka::{Committer, KafkaSource, RebalanceEvent, SourceError};
+use crate::source::kafka::{Committer, KafkaSource, Ownership, RebalanceEvent, SourceError};
 use crate::stage::{BatchContext, PartitionKey, Stage, StageError};
-use crate::state::{Outbox, PartitionJournal, StateError, StateStore};
+use crate::state::changelog::{Changelog, ChangelogError};
+use crate::state::{Outbox, PartitionJournal, PendingBatch, StateError, StateStore};
 use batch::{Accumulator, SealedBatch};
 use control::{Control, Live, SwapApplied};
 
@@ -51,6 +52,8 @@ pub enum PipelineError {
     State(#[from] StateError),
     #[error(transparent)]
     Stage(#[from] StageError),
+    #[error(transparent)]
+    Changelog(#[from] ChangelogError),
     #[error("pipeline worker stopped: {0}")]
     Worker(String),
     /// The consumer group moved on (e.g. after a broker restart): the run ends and is
@@ -99,6 +102,13 @@ enum WorkItem {
         first: i64,
         last: i64,
         outbox: Outbox,
+        epoch: Option<u64>,
+    },
+    /// Partition numbers gained (restore their state from the changelog first) and lost.
+    Ownership {
+        gained: Vec<i32>,
+        lost: Vec<i32>,
+        reply: tokio::sync::oneshot::Sender<Result<(), PipelineError>>,
     },
 }
 
@@ -111,6 +121,7 @@ pub struct Pipeline {
     state: Arc<StateStore>,
     stats: Arc<Stats>,
     live: Arc<Mutex<Live>>,
+    changelog: Option<Arc<Changelog>>,
 }
 
 impl Pipeline {
@@ -127,7 +138,15 @@ impl Pipeline {
             state: Arc::new(state),
             stats: Arc::new(Stats::default()),
             live: Arc::new(Mutex::new(Live::default())),
+            changelog: None,
         }
+    }
+
+    /// Hands partition state between instances through `changelog` (see
+    /// [`crate::state::changelog`]).
+    pub fn with_changelog(mut self, changelog: Changelog) -> Self {
+        self.changelog = Some(Arc::new(changelog));
+        self
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -159,6 +178,7 @@ impl Pipeline {
         }
         let extra: Vec<String> = side.keys().cloned().collect();
         let (source, mut events) = KafkaSource::connect(&p.kafka, &self.cfg.instance_id(), &extra)?;
+        let ownership = source.ownership();
         let (tx, rx) = mpsc::channel::<WorkItem>(2);
         let worker = Worker {
             pipeline: p.name.clone(),
@@ -171,6 +191,8 @@ impl Pipeline {
             state: self.state.clone(),
             committer: source.committer(),
             stats: self.stats.clone(),
+            ownership: ownership.clone(),
+            changelog: self.changelog.clone(),
         };
         let mut worker_task = tokio::spawn(worker.run(rx, control));
         let committer = source.committer();
@@ -184,6 +206,14 @@ impl Pipeline {
         // first rows are visible quickly, then they grow to the configured size.
         let mut sealed_count: HashMap<PartitionKey, u32> = HashMap::new();
         let mut journals: HashMap<PartitionKey, PartitionJournal> = HashMap::new();
+        // Partition numbers whose state this run holds (restored from the changelog).
+        let mut held: std::collections::BTreeSet<i32> = std::collections::BTreeSet::new();
+        let seal = |acc: Accumulator, pk: &PartitionKey| {
+            acc.seal(pk).map(|mut b| {
+                b.epoch = ownership.epoch_of(pk);
+                b
+            })
+        };
         let tick_every = (batch_cfg.max_age() / 4).max(Duration::from_millis(5));
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -200,13 +230,36 @@ impl Pipeline {
                     break Err(worker_exit(r));
                 }
                 Some(ev) = events.recv() => {
-                    if let RebalanceEvent::Revoked(parts) = ev {
-                        for pk in parts {
-                            // Not committed: the next owner consumes it again.
-                            accs.remove(&pk);
-                            sealed_count.remove(&pk);
-                            journals.remove(&pk);
+                    match ev {
+                        RebalanceEvent::Revoked(parts) => {
+                            for pk in parts {
+                                // Not committed: the next owner consumes it again.
+                                accs.remove(&pk);
+                                sealed_count.remove(&pk);
+                                journals.remove(&pk);
+                            }
                         }
+                        RebalanceEvent::Assigned(_) if self.changelog.is_some() => {
+                            // Restore before any record of a gained partition is looked at
+                            // (its journal decides what is skipped or re-sent).
+                            let now = ownership.numbers();
+                            let lost: Vec<i32> = held.difference(&now).copied().collect();
+                            let gained: Vec<i32> = now.iter().copied().collect();
+                            let (reply, done) = tokio::sync::oneshot::channel();
+                            if tx.send(WorkItem::Ownership { gained, lost, reply }).await.is_err() {
+                                worker_done = true;
+                                break Err(worker_exit((&mut worker_task).await));
+                            }
+                            match done.await {
+                                Ok(Ok(())) => held = now,
+                                Ok(Err(e)) => break Err(e),
+                                Err(_) => {
+                                    worker_done = true;
+                                    break Err(worker_exit((&mut worker_task).await));
+                                }
+                            }
+                        }
+                        RebalanceEvent::Assigned(_) => {}
                     }
                 }
                 // Before `recv` in this biased select: with a steady stream of messages the age
@@ -217,7 +270,7 @@ impl Pipeline {
                         .map(|(k, _)| k.clone())
                         .collect();
                     for pk in aged {
-                        if let Some(sealed) = accs.remove(&pk).and_then(|a| a.seal(&pk)) {
+                        if let Some(sealed) = accs.remove(&pk).and_then(|a| seal(a, &pk)) {
                             *sealed_count.entry(pk.clone()).or_default() += 1;
                             if tx.send(WorkItem::Batch(sealed)).await.is_err() {
                                 return Err(worker_exit((&mut worker_task).await));
@@ -240,22 +293,20 @@ impl Pipeline {
                         // First record of this partition since it was assigned: finish the
                         // batch a previous run left in flight before anything else.
                         let mut j = self.state.journal(&pk)?;
-                        if j.pending.is_some_and(|b| b.last < origin.offset) {
+                        if let Some(b) = j.pending.as_ref().filter(|b| b.last < origin.offset) {
                             // The group is already past it (another instance handled this
                             // partition meanwhile): re-sending it would commit an older offset.
                             tracing::warn!(partition = %pk, "dropping a stale journal entry: the group's offset is past it");
-                            if let Some(b) = j.pending {
-                                self.state.complete_batch(&pk, b.last)?;
-                            }
+                            self.state.complete_batch(&pk, b.last)?;
                             j = self.state.journal(&pk)?;
                         }
-                        if let Some(pending) = j.pending {
+                        if let Some(pending) = j.pending.clone() {
                             match self.state.outbox(&pk)? {
                                 Some(outbox) => {
                                     tracing::info!(partition = %pk, first = pending.first, last = pending.last,
                                         "re-sending batch from the journal");
                                     Stats::add(&self.stats.recovered_batches, 1);
-                                    let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox };
+                                    let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox, epoch: ownership.epoch_of(&pk) };
                                     if tx.send(item).await.is_err() {
                                         worker_done = true;
                                         break Err(worker_exit((&mut worker_task).await));
@@ -279,7 +330,7 @@ impl Pipeline {
                     });
                     acc.push(Record::from_origin(Arc::new(origin)));
                     if acc.is_full(&batch_cfg) {
-                        if let Some(sealed) = accs.remove(&pk).and_then(|a| a.seal(&pk)) {
+                        if let Some(sealed) = accs.remove(&pk).and_then(|a| seal(a, &pk)) {
                             *sealed_count.entry(pk.clone()).or_default() += 1;
                             if tx.send(WorkItem::Batch(sealed)).await.is_err() {
                                 worker_done = true;
@@ -293,7 +344,7 @@ impl Pipeline {
         if result.is_ok() {
             // Graceful stop: flush what has been consumed.
             for (pk, acc) in accs.drain() {
-                if let Some(sealed) = acc.seal(&pk) {
+                if let Some(sealed) = seal(acc, &pk) {
                     if tx.send(WorkItem::Batch(sealed)).await.is_err() {
                         break;
                     }
@@ -302,13 +353,13 @@ impl Pipeline {
         }
         drop(tx);
         if worker_done {
-            self.report();
+            self.end_run();
             return result;
         }
         let worker_result = worker_task
             .await
             .map_err(|e| PipelineError::Worker(e.to_string()))?;
-        self.report();
+        self.end_run();
         result?;
         worker_result
     }
@@ -332,6 +383,14 @@ impl Pipeline {
                 l.lag = lags.into_iter().map(|(pk, c, e)| (pk, (c, e))).collect();
             }
         })
+    }
+
+    fn end_run(&self) {
+        // The next run restores (and fences) again.
+        if let Some(c) = &self.changelog {
+            c.release_all();
+        }
+        self.report();
     }
 
     fn report(&self) {
@@ -369,6 +428,8 @@ struct Worker {
     state: Arc<StateStore>,
     committer: Committer,
     stats: Arc<Stats>,
+    ownership: Arc<Ownership>,
+    changelog: Option<Arc<Changelog>>,
 }
 
 /// How long an offset commit is retried before the run gives up on it.
@@ -416,19 +477,103 @@ impl Worker {
             };
             let Some(item) = item else { break };
             match item {
-                WorkItem::Batch(b) => self.process(b).await?,
+                WorkItem::Batch(b) => {
+                    if self.still_owned(&b.partition, b.epoch) {
+                        self.process(b).await?
+                    }
+                }
                 WorkItem::Recover {
                     partition,
                     first,
                     last,
                     outbox,
+                    epoch,
                 } => {
-                    self.deliver(&partition, first, last, outbox, Vec::new())
-                        .await?
+                    if self.still_owned(&partition, epoch) {
+                        self.deliver(&partition, first, last, outbox, Vec::new())
+                            .await?
+                    }
+                }
+                WorkItem::Ownership {
+                    gained,
+                    lost,
+                    reply,
+                } => {
+                    let _ = reply.send(self.change_ownership(gained, lost).await);
                 }
             }
         }
         Ok(())
+    }
+
+    /// A batch sealed before its partition was revoked is dropped: the partition is consumed
+    /// again from its committed offset, here or by its new owner.
+    fn still_owned(&self, pk: &PartitionKey, epoch: Option<u64>) -> bool {
+        let now = self.ownership.epoch_of(pk);
+        if epoch.is_some() && now == epoch {
+            return true;
+        }
+        tracing::info!(partition = %pk, "dropping a batch sealed before its partition was revoked");
+        false
+    }
+
+    /// Restores the state of gained partition numbers from the changelog and forgets lost
+    /// ones. Runs between batches.
+    async fn change_ownership(
+        &self,
+        gained: Vec<i32>,
+        lost: Vec<i32>,
+    ) -> Result<(), PipelineError> {
+        let Some(changelog) = self.changelog.clone() else {
+            return Ok(());
+        };
+        let state = self.state.clone();
+        let stages = self.stages.clone();
+        Self::blocking(move || {
+            let mut replaced = lost.clone();
+            for n in &lost {
+                changelog.release(*n);
+            }
+            for n in gained {
+                let r = changelog.restore(&state, n)?;
+                if r.records > 0 || r.full || r.bootstrapped > 0 {
+                    tracing::info!(
+                        partition = n,
+                        from_offset = r.from_offset,
+                        records = r.records,
+                        full = r.full,
+                        bootstrapped = r.bootstrapped,
+                        took_ms = r.took.as_millis() as u64,
+                        "state restored from the changelog"
+                    );
+                }
+                if r.records > 0 || r.full {
+                    replaced.push(n);
+                }
+            }
+            let mut stages = stages
+                .lock()
+                .map_err(|_| PipelineError::Worker("a stage panicked earlier".into()))?;
+            for n in replaced {
+                for s in stages.iter_mut() {
+                    s.state_replaced(n);
+                }
+            }
+            Ok::<_, PipelineError>(())
+        })
+        .await?
+    }
+
+    /// The plugins of the current stages, as recorded in a batch's journal entry.
+    fn plugin_refs(stages: &mut [Box<dyn Stage>]) -> Vec<String> {
+        stages
+            .iter_mut()
+            .filter_map(|s| {
+                let name = s.name().to_string();
+                s.plugin_slot()
+                    .map(|slot| format!("{name}={}", slot.current()))
+            })
+            .collect()
     }
 
     /// Applies a control request. Runs between batches: no stage is in use.
@@ -535,6 +680,7 @@ impl Worker {
             .iter()
             .filter_map(|r| r.origin.timestamp_ms)
             .collect();
+        let changelog = self.changelog.clone();
         let outbox = Self::blocking(move || {
             let mut stages = stages
                 .lock()
@@ -578,10 +724,46 @@ impl Worker {
                     .collect(),
                 dead_letters: dead,
             };
-            state.begin_batch(&ctx.partition, first, last, txn, &outbox)?;
-            Ok::<_, PipelineError>(outbox)
+            let encoded = outbox.encode();
+            let mut journal = state.journal(&ctx.partition)?;
+            journal.pending = Some(PendingBatch {
+                first,
+                last,
+                plugins: Self::plugin_refs(&mut stages),
+            });
+            // With a changelog, the batch is published there first: once that commits, a new
+            // owner of the partition re-sends this very batch; if it fails because another
+            // instance took the partition over, nothing of the batch has left the process.
+            let position = match &changelog {
+                None => None,
+                Some(cl) => {
+                    let n = ctx.partition.partition;
+                    let records = Changelog::batch_records(
+                        &StateStore::partition_key(&ctx.partition),
+                        txn.writes(),
+                        &encoded,
+                        &mut journal,
+                    )?;
+                    match cl.publish(n, &records) {
+                        Ok(offset) => Some((n, offset)),
+                        Err(
+                            e @ (ChangelogError::Fenced { .. } | ChangelogError::NotOwned { .. }),
+                        ) => {
+                            tracing::warn!(partition = %ctx.partition, first, last,
+                                "{e}; batch abandoned (its partition's new owner consumes it)");
+                            return Ok(None);
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            state.begin_batch_with(&ctx.partition, &journal, txn, &encoded, position)?;
+            Ok::<_, PipelineError>(Some(outbox))
         })
         .await??;
+        let Some(outbox) = outbox else {
+            return Ok(());
+        };
         fault::point(fault::AFTER_BEGIN);
         self.deliver(&pk, first, last, outbox, timestamps).await
     }
@@ -676,9 +858,16 @@ impl Worker {
                     message,
                     ..
                 }) => {
+                    if self.ownership.epoch_of(pk).is_none() {
+                        // The partition moved on: its journal entry (here, and in the
+                        // changelog if there is one) lets its next owner finish the batch.
+                        tracing::warn!(partition = %pk, first, last,
+                            "offset commit refused after the partition was revoked ({message}); left to its next owner");
+                        return Ok(());
+                    }
                     return Err(PipelineError::Rejoin(format!(
                         "offset commit of {pk} refused ({message})"
-                    )))
+                    )));
                 }
                 Err(e) if started.elapsed() < COMMIT_PATIENCE => {
                     tracing::warn!("{e}; retrying");

@@ -49,9 +49,52 @@ pub enum RebalanceEvent {
     Revoked(Vec<PartitionKey>),
 }
 
+/// Which partitions the consumer owns, each with the epoch of the assignment that gave it.
+/// Updated inside librdkafka's rebalance callbacks, so it is exact at any moment: a batch
+/// sealed under an older epoch (its partition was revoked since, even if it came back) must
+/// not be delivered, because the partition is consumed again from its committed offset.
+#[derive(Debug, Default)]
+pub struct Ownership {
+    epoch: std::sync::atomic::AtomicU64,
+    owned: std::sync::Mutex<std::collections::HashMap<PartitionKey, u64>>,
+}
+
+impl Ownership {
+    /// The epoch of `pk`'s current assignment (`None`: not owned).
+    pub fn epoch_of(&self, pk: &PartitionKey) -> Option<u64> {
+        self.owned.lock().ok().and_then(|m| m.get(pk).copied())
+    }
+
+    /// Partition numbers of every owned partition.
+    pub fn numbers(&self) -> std::collections::BTreeSet<i32> {
+        self.owned
+            .lock()
+            .map(|m| m.keys().map(|pk| pk.partition).collect())
+            .unwrap_or_default()
+    }
+
+    fn assign(&self, parts: &[PartitionKey]) {
+        let e = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if let Ok(mut m) = self.owned.lock() {
+            for p in parts {
+                m.insert(p.clone(), e);
+            }
+        }
+    }
+
+    fn revoke(&self, parts: &[PartitionKey]) {
+        if let Ok(mut m) = self.owned.lock() {
+            for p in parts {
+                m.remove(p);
+            }
+        }
+    }
+}
+
 pub struct SourceContext {
     events: mpsc::UnboundedSender<RebalanceEvent>,
     group: String,
+    ownership: Arc<Ownership>,
 }
 
 impl ClientContext for SourceContext {}
@@ -71,6 +114,7 @@ impl ConsumerContext for SourceContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts = keys(tpl);
             tracing::info!(group = %self.group, "partitions revoked: {}", list(&parts));
+            self.ownership.revoke(&parts);
             let _ = self.events.send(RebalanceEvent::Revoked(parts));
         }
     }
@@ -80,6 +124,7 @@ impl ConsumerContext for SourceContext {
             Rebalance::Assign(tpl) => {
                 let parts = keys(tpl);
                 tracing::info!(group = %self.group, "partitions assigned: {}", list(&parts));
+                self.ownership.assign(&parts);
                 let _ = self.events.send(RebalanceEvent::Assigned(parts));
             }
             Rebalance::Error(e) => tracing::warn!(group = %self.group, "rebalance error: {e}"),
@@ -132,6 +177,7 @@ pub struct KafkaSource {
     /// Topic names already seen, shared by every record of the topic (an `Arc<str>` per
     /// message was an allocation and a free per record).
     topics: std::sync::Mutex<Vec<Arc<str>>>,
+    ownership: Arc<Ownership>,
 }
 
 impl KafkaSource {
@@ -149,7 +195,7 @@ impl KafkaSource {
                 c.set(*k, *v);
             }
         }
-        if !cfg.properties.contains_key("group.instance.id") {
+        if !cfg.properties.contains_key("group.instance.id") && !instance_id.is_empty() {
             c.set("group.instance.id", instance_id);
         }
         c.set("group.id", &cfg.group_id)
@@ -157,10 +203,12 @@ impl KafkaSource {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", cfg.start_offset.as_librdkafka());
+        let ownership = Arc::new(Ownership::default());
         let consumer: SluiceConsumer = c
             .create_with_context(SourceContext {
                 events: tx,
                 group: cfg.group_id.clone(),
+                ownership: ownership.clone(),
             })
             .map_err(|e| SourceError::Create(e.to_string()))?;
         let mut all = cfg.topics.clone();
@@ -182,6 +230,7 @@ impl KafkaSource {
                 consumer: Arc::new(consumer),
                 topics: std::sync::Mutex::new(Vec::new()),
                 last_warning: std::sync::Mutex::new(None),
+                ownership,
             },
             rx,
         ))
@@ -212,6 +261,10 @@ impl KafkaSource {
     }
 
     /// True at most once per 10 s.
+    pub fn ownership(&self) -> Arc<Ownership> {
+        self.ownership.clone()
+    }
+
     fn warn_now(&self) -> bool {
         let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {

@@ -71,7 +71,7 @@ pub fn rewind(
     c.set("group.id", &kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("session.timeout.ms", "10000");
-    if !kafka.properties.contains_key("group.instance.id") {
+    if !kafka.properties.contains_key("group.instance.id") && !instance_id.is_empty() {
         c.set("group.instance.id", instance_id);
     }
     let consumer: BaseConsumer = c.create().map_err(kafka_err)?;

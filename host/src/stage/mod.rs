@@ -107,6 +107,13 @@ pub trait Stage: Send {
     fn plugin_slot(&mut self) -> Option<&mut dyn PluginSlot> {
         None
     }
+
+    /// The committed state of partition number `partition` was replaced underneath the stage
+    /// (restored from the state changelog when the partition moved here): drop whatever the
+    /// stage keeps in memory about it. Called between batches.
+    fn state_replaced(&mut self, partition: i32) {
+        let _ = partition;
+    }
 }
 
 /// A stage whose logic is a plugin that can be replaced while the pipeline runs.

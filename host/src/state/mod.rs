@@ -11,6 +11,7 @@
 //! as it was (same rows, same deduplication tokens) instead of being recomputed, so stateful
 //! stages never see a batch twice and state always matches what reached ClickHouse.
 
+pub mod changelog;
 mod codec;
 mod txn;
 
@@ -50,10 +51,14 @@ impl From<rocksdb::Error> for StateError {
 }
 
 /// A batch whose boundaries are fixed: it may or may not have reached ClickHouse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingBatch {
     pub first: i64,
     pub last: i64,
+    /// The plugins (`stage=name@version`) that made its rows, for the record: the rows
+    /// themselves are in the outbox, so a re-send never depends on these being loadable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<String>,
 }
 
 /// What the journal knows about one source partition.
@@ -68,6 +73,17 @@ pub struct PartitionJournal {
     /// as a first occurrence).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redelivered_below: Option<i64>,
+    /// How many pieces the last outbox published to the state changelog had (see
+    /// [`changelog`]); the next batch deletes the pieces it does not overwrite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox_chunks: Option<u32>,
+}
+
+pub(crate) fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StateError> {
+    serde_json::to_vec(v).map_err(|e| StateError::Corrupt {
+        key: std::any::type_name::<T>().to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// Memory knobs of the state store (RocksDB block cache and write buffers).
@@ -153,7 +169,7 @@ impl StateStore {
         &self.path
     }
 
-    fn partition_key(pk: &PartitionKey) -> Vec<u8> {
+    pub(crate) fn partition_key(pk: &PartitionKey) -> Vec<u8> {
         let mut k = pk.topic.as_bytes().to_vec();
         k.push(0);
         k.extend_from_slice(&pk.partition.to_be_bytes());
@@ -210,16 +226,171 @@ impl StateStore {
         outbox: &Outbox,
     ) -> Result<(), StateError> {
         let mut j = self.journal(pk)?;
-        j.pending = Some(PendingBatch { first, last });
+        j.pending = Some(PendingBatch {
+            first,
+            last,
+            plugins: Vec::new(),
+        });
+        self.begin_batch_with(pk, &j, txn, &outbox.encode(), None)
+    }
+
+    /// [`StateStore::begin_batch`] with a prepared journal entry (its `pending` set) and
+    /// encoded outbox; `changelog` = (partition number, offset of the batch's last changelog
+    /// record) when the batch was published to the state changelog first.
+    pub fn begin_batch_with(
+        &self,
+        pk: &PartitionKey,
+        journal: &PartitionJournal,
+        txn: StateTxn<'_>,
+        outbox: &[u8],
+        changelog: Option<(i32, i64)>,
+    ) -> Result<(), StateError> {
         let key = Self::partition_key(pk);
         let (mut batch, hooks) = txn.into_write_batch(self.cf(CF_STAGE)?);
-        batch.put_cf(self.cf(CF_JOURNAL)?, &key, Self::journal_bytes(pk, &j)?);
-        batch.put_cf(self.cf(CF_OUTBOX)?, &key, outbox.encode());
+        batch.put_cf(
+            self.cf(CF_JOURNAL)?,
+            &key,
+            Self::journal_bytes(pk, journal)?,
+        );
+        batch.put_cf(self.cf(CF_OUTBOX)?, &key, outbox);
+        if let Some((n, offset)) = changelog {
+            batch.put_cf(
+                self.cf(CF_JOURNAL)?,
+                changelog::position_key(n),
+                offset.to_be_bytes(),
+            );
+        }
         self.write(batch, true)?;
         for hook in hooks {
             hook();
         }
         Ok(())
+    }
+
+    /// Offset of the last state-changelog record the local state of partition number `n`
+    /// includes (`None`: it does not follow the changelog).
+    pub fn changelog_position(&self, n: i32) -> Result<Option<i64>, StateError> {
+        let v = self
+            .db
+            .get_cf(self.cf(CF_JOURNAL)?, changelog::position_key(n))?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    pub fn set_changelog_position(&self, n: i32, offset: i64) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_JOURNAL)?,
+            changelog::position_key(n),
+            offset.to_be_bytes(),
+        );
+        self.write(batch, true)
+    }
+
+    /// Deletes everything kept for partition number `n`: stage state, journal entries and
+    /// outboxes of every topic's partition `n`, the changelog position.
+    pub fn wipe_namespace(&self, n: i32) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        for (cf, kind) in [
+            (CF_STAGE, changelog::Kind::Stage),
+            (CF_JOURNAL, changelog::Kind::Journal),
+            (CF_OUTBOX, changelog::Kind::Outbox),
+        ] {
+            let handle = self.cf(cf)?;
+            let mut it = self.db.raw_iterator_cf(handle);
+            it.seek_to_first();
+            while let Some(k) = it.key() {
+                let part = match kind {
+                    changelog::Kind::Stage => changelog::partition_of_stage_key(k),
+                    _ => changelog::partition_of_pk_key(k),
+                };
+                if part == Some(n) {
+                    batch.delete_cf(handle, k);
+                }
+                it.next();
+                if batch.len() >= 65_536 {
+                    self.write(std::mem::take(&mut batch), false)?;
+                }
+            }
+            it.status()?;
+        }
+        self.write(batch, true)
+    }
+
+    /// Calls `f` on every entry of partition number `n` (position records excluded).
+    pub(crate) fn for_each_in_namespace(
+        &self,
+        n: i32,
+        mut f: impl FnMut(changelog::Kind, &[u8], &[u8]) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        for (cf, kind) in [
+            (CF_STAGE, changelog::Kind::Stage),
+            (CF_OUTBOX, changelog::Kind::Outbox),
+            (CF_JOURNAL, changelog::Kind::Journal),
+        ] {
+            let mut it = self.db.raw_iterator_cf(self.cf(cf)?);
+            it.seek_to_first();
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                let part = match kind {
+                    changelog::Kind::Stage => changelog::partition_of_stage_key(k),
+                    _ if k.first() == Some(&0) => None,
+                    _ => changelog::partition_of_pk_key(k),
+                };
+                if part == Some(n) {
+                    f(kind, k, v)?;
+                }
+                it.next();
+            }
+            it.status()?;
+        }
+        Ok(())
+    }
+
+    /// Stage writes read from the changelog (not synced: [`StateStore::finish_restore`] is).
+    pub(crate) fn apply_stage_writes(
+        &self,
+        writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<(), StateError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let cf = self.cf(CF_STAGE)?;
+        let mut batch = WriteBatch::default();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.put_cf(cf, k, v),
+                None => batch.delete_cf(cf, k),
+            }
+        }
+        self.write(batch, false)
+    }
+
+    /// Ends a restore: journal entries and outboxes read from the changelog, and the offset
+    /// of the last record applied, in one synced write.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn finish_restore(
+        &self,
+        n: i32,
+        journals: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        outboxes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        last: i64,
+    ) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        let (jcf, ocf) = (self.cf(CF_JOURNAL)?, self.cf(CF_OUTBOX)?);
+        for (k, v) in journals {
+            match v {
+                Some(v) => batch.put_cf(jcf, k, v),
+                None => batch.delete_cf(jcf, k),
+            }
+        }
+        for (k, v) in outboxes {
+            match v {
+                Some(v) => batch.put_cf(ocf, k, v),
+                None => batch.delete_cf(ocf, k),
+            }
+        }
+        batch.put_cf(jcf, changelog::position_key(n), last.to_be_bytes());
+        self.write(batch, true)
     }
 
     /// The output of the batch in flight on `pk`, if it was fixed before a stop.
@@ -258,12 +429,13 @@ impl StateStore {
         let old = self.journal(pk)?;
         // A batch fixed in the journal may have landed: its records count as delivered (the
         // stages' state already includes them).
-        let pending = old.pending.map(|b| b.last + 1);
+        let pending = old.pending.as_ref().map(|b| b.last + 1);
         let horizon = old.next_offset.max(old.redelivered_below).max(pending);
         let j = PartitionJournal {
             next_offset: None,
             pending: None,
             redelivered_below: horizon,
+            outbox_chunks: old.outbox_chunks,
         };
         let key = Self::partition_key(pk);
         let mut batch = WriteBatch::default();
@@ -366,7 +538,8 @@ mod tests {
             j.pending,
             Some(PendingBatch {
                 first: 10,
-                last: 19
+                last: 19,
+                plugins: vec![],
             })
         );
         assert_eq!(s.outbox(&pk()).expect("outbox"), Some(outbox));

@@ -41,6 +41,11 @@ impl<'s> StateTxn<'s> {
         StageState { txn: self, prefix }
     }
 
+    /// This transaction's writes (full stage keys; `None`: deleted), in key order.
+    pub fn writes(&self) -> impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)> + '_ {
+        self.overlay.iter().map(|(k, v)| (k.clone(), v.clone()))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.overlay.is_empty()
     }

@@ -327,6 +327,13 @@ impl Stage for DedupStage {
         &self.name
     }
 
+    fn state_replaced(&mut self, partition: i32) {
+        // Rebuilt from the restored state on the partition's next batch.
+        if let Ok(mut indexes) = self.index.lock() {
+            indexes.remove(&partition);
+        }
+    }
+
     fn process(
         &mut self,
         batch: Vec<Record>,
