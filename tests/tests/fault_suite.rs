@@ -1296,3 +1296,133 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. ClickHouse refuses the rows (a fatal error) under load
+// ---------------------------------------------------------------------------------------------
+
+/// The table disappears under load (renamed away): inserts fail with a non-retryable error.
+/// The pipeline must stop retrying and show `failed` with the error over the API, keep the
+/// batch in its journal, and after the table is back and the pipeline resumed, land every
+/// row exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_clickhouse_refuses_rows_pipeline_fails_then_resumes() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let seed = faults::seed();
+    say(format!("refused rows: seed {seed}"));
+    let mut rng = Rng::new(seed);
+    let rate = 300u64;
+    let kafka = services::kafka().await?;
+    let ch = services::clickhouse().await?;
+    let w = Workload::new(
+        &kafka.brokers,
+        &ch.url,
+        rate as usize * 40,
+        rng.next_u64(),
+        0,
+    )
+    .await?;
+    let target = w.main_target();
+    let config = w.config(&target, 100)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let api = format!("http://127.0.0.1:{port}/v1/pipelines/{}", target.group);
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = config.to_string_lossy().into_owned();
+    let mut p = SluiceProcess::spawn(
+        &["run", "-c", &cfg, "--api-listen", &listen],
+        &w.log("refused"),
+    )?;
+    let load = w.start_load(rate)?;
+    w.wait_progress(&mut [&mut p], &target.group, 0, Duration::from_secs(60))
+        .await?;
+    tokio::time::sleep(ms(1000 + rng.below(2000))).await;
+    let aside = format!("{}_aside", target.table);
+    ch_execute(
+        &ch.url,
+        &format!("RENAME TABLE default.{} TO default.{aside}", target.table),
+    )
+    .await?;
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        p.check_alive()?;
+        if let Ok(r) = http.get(&api).send().await {
+            let v: Value = r.json().await.unwrap_or_default();
+            if v["state"] == "failed" {
+                break v;
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the pipeline did not fail within 60 s of losing its table\n{}",
+            p.log_tail()
+        );
+        tokio::time::sleep(ms(200)).await;
+    };
+    let reason = status["reason"].as_str().unwrap_or_default().to_string();
+    say(format!("refused rows: status failed, reason: {reason}"));
+    ensure!(
+        reason.contains(&target.table) && reason.contains("UNKNOWN_TABLE"),
+        "the failure does not name the table and the error: {status}"
+    );
+    // Failed means stopped: no retry loop against the missing table.
+    let committed = w.committed(&target.group).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        w.committed(&target.group).await? == committed,
+        "offsets moved while the pipeline was failed"
+    );
+    let retries = count_in_log(&p, "retrying");
+    ch_execute(
+        &ch.url,
+        &format!("RENAME TABLE default.{aside} TO default.{}", target.table),
+    )
+    .await?;
+    let r = http.post(format!("{api}/resume")).send().await?;
+    ensure!(r.status().is_success(), "resume: {}", r.status());
+    let produced = load.finish().await?;
+    w.flush().await?;
+    let model = w.expected().await?;
+    ensure!(
+        model.tx_records as u64 >= produced,
+        "the broker holds {} records, {produced} were acknowledged",
+        model.tx_records
+    );
+    w.wait_rows(
+        &mut [&mut p],
+        &target.table,
+        model.rows.len(),
+        Duration::from_secs(120),
+    )
+    .await?;
+    stop(&mut p)?;
+    let mut total = Outcome::default();
+    let mut problems = Vec::new();
+    finish_run(
+        w,
+        &model,
+        &target.table,
+        "refused rows",
+        &mut total,
+        &mut problems,
+    )
+    .await?;
+    record(ScenarioResult {
+        scenario:
+            "ClickHouse refuses the rows (table renamed away under load), then fixed and resumed"
+                .into(),
+        runs: 1,
+        outcome: total.clone(),
+        note: format!(
+            "status `failed` naming the table and UNKNOWN_TABLE; offsets held while failed; \
+             {retries} insert retries before failing"
+        ),
+    });
+    ensure!(
+        total.clean() && problems.is_empty(),
+        "refused rows: {total:?} {problems:?}"
+    );
+    Ok(())
+}

@@ -169,7 +169,8 @@ impl StateStore {
         &self.path
     }
 
-    pub(crate) fn partition_key(pk: &PartitionKey) -> Vec<u8> {
+    /// How a source partition is keyed in the journal and outbox (and the changelog).
+    pub fn partition_key(pk: &PartitionKey) -> Vec<u8> {
         let mut k = pk.topic.as_bytes().to_vec();
         k.push(0);
         k.extend_from_slice(&pk.partition.to_be_bytes());
