@@ -90,8 +90,8 @@ async fn changelog_hands_state_over_fences_the_old_owner_and_catches_up() -> Res
     let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let a = StateStore::open(dir_a.path())?;
     let b = StateStore::open(dir_b.path())?;
-    let cl_a = Changelog::connect(&kcfg, &ccfg, &[source.clone()]).await?;
-    let cl_b = Changelog::connect(&kcfg, &ccfg, &[source.clone()]).await?;
+    let cl_a = Changelog::connect(&kcfg, &ccfg, std::slice::from_ref(&source)).await?;
+    let cl_b = Changelog::connect(&kcfg, &ccfg, std::slice::from_ref(&source)).await?;
 
     // A owns partition 1 and writes two batches; the second leaves a batch in flight.
     let r = tokio::task::block_in_place(|| cl_a.restore(&a, 1))?;
