@@ -19,7 +19,7 @@
 mod batch;
 pub mod control;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -206,8 +206,11 @@ impl Pipeline {
         // first rows are visible quickly, then they grow to the configured size.
         let mut sealed_count: HashMap<PartitionKey, u32> = HashMap::new();
         let mut journals: HashMap<PartitionKey, PartitionJournal> = HashMap::new();
-        // Partition numbers whose state this run holds (restored from the changelog).
-        let mut held: std::collections::BTreeSet<i32> = std::collections::BTreeSet::new();
+        // With a changelog: partition numbers whose state this run restored since they were
+        // last assigned, and numbers revoked since the last assignment (to forget if they
+        // did not come back).
+        let mut held: BTreeSet<i32> = BTreeSet::new();
+        let mut dropped: BTreeSet<i32> = BTreeSet::new();
         let seal = |acc: Accumulator, pk: &PartitionKey| {
             acc.seal(pk).map(|mut b| {
                 b.epoch = ownership.epoch_of(pk);
@@ -237,23 +240,23 @@ impl Pipeline {
                                 accs.remove(&pk);
                                 sealed_count.remove(&pk);
                                 journals.remove(&pk);
+                                // Someone else may write its state before it comes back.
+                                if held.remove(&pk.partition) {
+                                    dropped.insert(pk.partition);
+                                }
                             }
                         }
                         RebalanceEvent::Assigned(_) if self.changelog.is_some() => {
-                            // Restore before any record of a gained partition is looked at
-                            // (its journal decides what is skipped or re-sent).
+                            // Restore gained partitions now rather than at their first record;
+                            // forget the state of those that did not come back.
                             let now = ownership.numbers();
-                            let lost: Vec<i32> = held.difference(&now).copied().collect();
-                            let gained: Vec<i32> = now.iter().copied().collect();
-                            let (reply, done) = tokio::sync::oneshot::channel();
-                            if tx.send(WorkItem::Ownership { gained, lost, reply }).await.is_err() {
-                                worker_done = true;
-                                break Err(worker_exit((&mut worker_task).await));
-                            }
-                            match done.await {
-                                Ok(Ok(())) => held = now,
-                                Ok(Err(e)) => break Err(e),
-                                Err(_) => {
+                            let gained: Vec<i32> = now.difference(&held).copied().collect();
+                            let lost: Vec<i32> = dropped.difference(&now).copied().collect();
+                            dropped.clear();
+                            match change_ownership(&tx, gained.clone(), lost).await {
+                                Ok(()) => held.extend(gained),
+                                Err(Some(e)) => break Err(e),
+                                Err(None) => {
                                     worker_done = true;
                                     break Err(worker_exit((&mut worker_task).await));
                                 }
@@ -289,6 +292,20 @@ impl Pipeline {
                     let origin = m?;
                     Stats::add(&self.stats.consumed, 1);
                     let pk = PartitionKey { topic: origin.topic.to_string(), partition: origin.partition };
+                    if self.changelog.is_some() && !held.contains(&pk.partition) {
+                        // A record of a partition whose assignment event is still queued: its
+                        // state (and journal) must be restored before the journal is read.
+                        match change_ownership(&tx, vec![pk.partition], Vec::new()).await {
+                            Ok(()) => {
+                                held.insert(pk.partition);
+                            }
+                            Err(Some(e)) => break Err(e),
+                            Err(None) => {
+                                worker_done = true;
+                                break Err(worker_exit((&mut worker_task).await));
+                            }
+                        }
+                    }
                     if !journals.contains_key(&pk) {
                         // First record of this partition since it was assigned: finish the
                         // batch a previous run left in flight before anything else.
@@ -403,6 +420,30 @@ impl Pipeline {
             dead_letters = Stats::get(&s.dead_letters),
             "progress"
         );
+    }
+}
+
+/// Has the worker restore `gained` partition numbers from the changelog and forget `lost`
+/// ones, after the batches queued before; waits for it. `Err(None)`: the worker is gone.
+async fn change_ownership(
+    tx: &mpsc::Sender<WorkItem>,
+    gained: Vec<i32>,
+    lost: Vec<i32>,
+) -> Result<(), Option<PipelineError>> {
+    if gained.is_empty() && lost.is_empty() {
+        return Ok(());
+    }
+    let (reply, done) = tokio::sync::oneshot::channel();
+    tx.send(WorkItem::Ownership {
+        gained,
+        lost,
+        reply,
+    })
+    .await
+    .map_err(|_| None)?;
+    match done.await {
+        Ok(r) => r.map_err(Some),
+        Err(_) => Err(None),
     }
 }
 
