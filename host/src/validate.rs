@@ -214,6 +214,38 @@ async fn check_kafka(cfg: &LoadedConfig, r: &mut Report) {
                     r.errors.push(format!("{}: {line}", cfg.path.display()));
                 }
             }
+            if let Some(c) = &pipeline.state.changelog {
+                // One changelog partition per partition number of any consumed topic.
+                let needed = pipeline
+                    .kafka
+                    .topics
+                    .iter()
+                    .cloned()
+                    .chain(
+                        pipeline
+                            .stages
+                            .iter()
+                            .filter_map(|s| s.join.as_ref().map(|j| j.side_topic().to_string())),
+                    )
+                    .filter_map(|t| counts.get(&t).copied())
+                    .max()
+                    .unwrap_or(1);
+                match counts.get(&c.topic) {
+                    Some(have) if *have < needed => r.errors.push(format!(
+                        "{}: state.changelog: topic {:?} has {have} partition(s), the consumed \
+                         topics need {needed} (one per partition number)",
+                        cfg.path.display(),
+                        c.topic
+                    )),
+                    Some(have) => r
+                        .notes
+                        .push(format!("state changelog {}: {have} partition(s)", c.topic)),
+                    None => r.notes.push(format!(
+                        "state changelog {}: created at start (compacted, {needed} partition(s))",
+                        c.topic
+                    )),
+                }
+            }
             for t in &topics {
                 match found.iter().find(|(n, _)| n == t) {
                     Some((_, parts)) => r

@@ -205,3 +205,35 @@ async fn missing_topic_and_env_variable_are_reported() -> Result<()> {
     let r = c.validate(|t| t.replace("group_id: g", "group_id: ${SLUICE_TEST_UNSET_VARIABLE}"))?;
     expect_error(r, &["SLUICE_TEST_UNSET_VARIABLE is not set"])
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changelog_with_too_few_partitions_is_reported() -> Result<()> {
+    let c = Case::new().await?;
+    let (source, small) = (unique_name("vsrc3"), unique_name("vchangelog1"));
+    create_topic(&c.brokers, &source, 3).await?;
+    create_topic(&c.brokers, &small, 1).await?;
+    let topic = c.topic.clone();
+    let with_changelog = |changelog: &str| {
+        let (source, changelog) = (source.clone(), changelog.to_string());
+        let topic = topic.clone();
+        move |t: String| {
+            t.replace(
+                &format!("topics: [{topic}]"),
+                &format!("topics: [{source}]"),
+            ) + &format!("  changelog: {{topic: {changelog}}}\n")
+        }
+    };
+    let r = c.validate(with_changelog(&small))?;
+    expect_error(
+        r,
+        &["state.changelog", &small, "has 1 partition(s)", "need 3"],
+    )?;
+    let fresh = unique_name("vchangelognew");
+    let (ok, out) = c.validate(with_changelog(&fresh))?;
+    ensure!(ok, "a changelog topic to be created is fine:\n{out}");
+    ensure!(
+        out.contains(&format!("state changelog {fresh}: created at start")),
+        "{out}"
+    );
+    Ok(())
+}
