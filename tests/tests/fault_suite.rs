@@ -297,6 +297,20 @@ state:
         Ok(path)
     }
 
+    /// Stops the load, produces the flush records and returns the model of what the topics
+    /// hold, checking that the broker kept every acknowledged record.
+    async fn finish_load(&self, load: LoadGen) -> Result<Model> {
+        let produced = load.finish().await?;
+        self.flush().await?;
+        let model = self.expected().await?;
+        ensure!(
+            model.tx_records as u64 >= produced,
+            "the broker holds {} records, {produced} were acknowledged (it lost some)",
+            model.tx_records
+        );
+        Ok(model)
+    }
+
     fn log(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("sluice-{name}.log"))
     }
@@ -740,14 +754,7 @@ async fn fault_kill9_at_random_moments_loses_and_duplicates_nothing() -> Result<
             let _ = p.kill9();
             runs += 1;
         }
-        let produced = load.finish().await?;
-        w.flush().await?;
-        let model = w.expected().await?;
-        ensure!(
-            model.tx_records as u64 >= produced,
-            "the broker holds {} records, {produced} were acknowledged",
-            model.tx_records
-        );
+        let model = w.finish_load(load).await?;
         let mut p = SluiceProcess::run(&config, &w.log(&format!("r{round}-final")))?;
         w.wait_rows(
             &mut [&mut p],
@@ -853,14 +860,7 @@ async fn fault_clickhouse_down_60s_under_load() -> Result<()> {
         let restarted = Instant::now();
         // Keep the load on while it catches up.
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let produced = load.finish().await?;
-        w.flush().await?;
-        let model = w.expected().await?;
-        ensure!(
-            model.tx_records as u64 >= produced,
-            "the broker holds {} records, {produced} were acknowledged",
-            model.tx_records
-        );
+        let model = w.finish_load(load).await?;
         let done = w
             .wait_rows(
                 &mut [&mut p],
@@ -987,14 +987,7 @@ async fn fault_broker_restart_under_load() -> Result<()> {
                 .with_context(|| broker.log_tail(30))?;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let produced = load.finish().await?;
-        w.flush().await?;
-        let model = w.expected().await?;
-        ensure!(
-            model.tx_records as u64 >= produced,
-            "the broker holds {} records, {produced} were acknowledged (noida lost data)",
-            model.tx_records
-        );
+        let model = w.finish_load(load).await?;
         let deadline = Instant::now() + Duration::from_secs(240);
         while w.count(&target.table).await? < model.rows.len() as u64 && Instant::now() < deadline {
             sup.poll(&w)?;
@@ -1194,14 +1187,7 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
             // B gets its partitions back.
             tokio::time::sleep(Duration::from_secs(8)).await;
         }
-        let produced = load.finish().await?;
-        w.flush().await?;
-        let model = w.expected().await?;
-        ensure!(
-            model.tx_records as u64 >= produced,
-            "the broker holds {} records, {produced} were acknowledged",
-            model.tx_records
-        );
+        let model = w.finish_load(load).await?;
         w.wait_rows(
             &mut [&mut a, &mut b],
             &a_target.table,
@@ -1382,14 +1368,7 @@ async fn fault_clickhouse_refuses_rows_pipeline_fails_then_resumes() -> Result<(
     .await?;
     let r = http.post(format!("{api}/resume")).send().await?;
     ensure!(r.status().is_success(), "resume: {}", r.status());
-    let produced = load.finish().await?;
-    w.flush().await?;
-    let model = w.expected().await?;
-    ensure!(
-        model.tx_records as u64 >= produced,
-        "the broker holds {} records, {produced} were acknowledged",
-        model.tx_records
-    );
+    let model = w.finish_load(load).await?;
     w.wait_rows(
         &mut [&mut p],
         &target.table,

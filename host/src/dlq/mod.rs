@@ -9,7 +9,7 @@ pub mod tools;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header as KHeader, OwnedHeaders};
@@ -18,7 +18,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
 use crate::record::DeadLetter;
-use crate::source::kafka::base_client_config;
+use crate::source::kafka::{base_client_config, create_topic_if_absent};
 
 pub const H_PIPELINE: &str = "sluice.pipeline";
 pub const H_STAGE: &str = "sluice.stage";
@@ -81,18 +81,9 @@ impl DeadLetterQueue {
         let admin: AdminClient<DefaultClientContext> = base_client_config(cfg)
             .create()
             .map_err(|e| err(e.to_string()))?;
-        let new = NewTopic::new(topic, 1, TopicReplication::Fixed(1));
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = admin
-            .create_topics([&new], &opts)
+        create_topic_if_absent(&admin, topic, 1, 1, &[])
             .await
-            .map_err(|e| err(e.to_string()))?;
-        for r in results {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => return Err(err(format!("cannot create: {code}"))),
-            }
-        }
+            .map_err(err)?;
         Ok(())
     }
 

@@ -154,6 +154,34 @@ pub fn base_client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Creates `topic` unless it exists. `replication`: `-1` for the broker's default.
+pub async fn create_topic_if_absent(
+    admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+    configs: &[(&str, &str)],
+) -> Result<(), String> {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::types::RDKafkaErrorCode;
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    for (k, v) in configs {
+        new = new.set(k, v);
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(format!("cannot create: {code}")),
+        }
+    }
+    Ok(())
+}
+
 /// Defaults that differ from librdkafka's; the user's `properties` win.
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // A crashed instance's partitions move to a live one after this long (librdkafka: 45 s).

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -33,7 +33,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::{PartitionJournal, StateError, StateStore};
 use crate::config::{ChangelogConfig, KafkaConfig};
-use crate::source::kafka::base_client_config;
+use crate::source::kafka::{base_client_config, create_topic_if_absent};
 use crate::stage::PartitionKey;
 
 /// Outbox pieces stay well below Kafka's default 1 MB message limit.
@@ -144,19 +144,15 @@ impl Changelog {
             }
             None => {
                 let rf = cfg.replication_factor.map_or(-1, i32::from);
-                let new = NewTopic::new(&topic, needed as i32, TopicReplication::Fixed(rf))
-                    .set("cleanup.policy", "compact");
-                let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-                let results = admin
-                    .create_topics([&new], &opts)
-                    .await
-                    .map_err(|e| err(e.to_string()))?;
-                for r in results {
-                    match r {
-                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                        Err((_, code)) => return Err(err(format!("cannot create: {code}"))),
-                    }
-                }
+                create_topic_if_absent(
+                    &admin,
+                    &topic,
+                    needed as i32,
+                    rf,
+                    &[("cleanup.policy", "compact")],
+                )
+                .await
+                .map_err(err)?;
                 tracing::info!(topic = %topic, partitions = needed, "created the state changelog topic");
             }
         }
