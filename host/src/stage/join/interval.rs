@@ -439,6 +439,15 @@ impl IntervalJoinStage {
             let Some((c, cutoff)) = marks.cursor[i].zip(cutoff).filter(|(c, k)| c < k) else {
                 continue;
             };
+            // Unmatched lefts of a left outer join are output: all that closed must come out
+            // now, since no further batch may come to sweep the rest (a partition that goes
+            // quiet after a watermark jump held them back indefinitely). Other expiries only
+            // free state and may take several batches.
+            let budget = if side == Side::Left && self.cfg.mode == JoinMode::LeftOuter {
+                usize::MAX
+            } else {
+                budget
+            };
             let (entries, next) = self.sweepers[i].expired(st, side.index(), c, cutoff, budget)?;
             for IndexEntry { ts, rest, value } in entries {
                 let (key, pos) = split_index_rest(&rest)
@@ -653,6 +662,26 @@ mod tests {
         assert_eq!(st.scan_prefix(b"R").unwrap().len(), 1);
         assert_eq!(st.scan_prefix(b"Y").unwrap().len(), 1);
         assert_eq!(st.scan_prefix(b"L").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn left_outer_emits_every_closed_left_at_once_even_past_the_sweep_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("mode: left_outer\nallowed_lateness: 1m\nnest: user\n");
+        // 12,000 lefts without partners (more than the 10,000 sweep budget of a small batch).
+        let n = 12_000i64;
+        let lefts: Vec<Record> = (0..n)
+            .map(|i| tx(i, &format!("t{i}"), 1, 10 * MIN + i))
+            .collect();
+        run_batch(&store, &mut s, false, lefts);
+        // One small right batch far ahead closes all of them; nothing comes after it.
+        let out = run_batch(&store, &mut s, true, vec![user(0, 9, 60 * MIN, "x")]);
+        assert_eq!(rows(&out).len(), n as usize);
+        assert_eq!(counter(&out, "join_unmatched"), n as u64);
+        let mut txn = store.txn();
+        let st = txn.stage("join", 0);
+        assert_eq!(st.scan_prefix(b"L").unwrap().len(), 0);
     }
 
     #[test]
