@@ -54,6 +54,8 @@ use crate::{Record, RecordError, Row};
 #[derive(Debug, Clone)]
 pub struct JsonObject<'a> {
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// The text the fields borrow from (lets [`RowWriter::copy_fields`] copy runs of fields).
+    src: &'a str,
 }
 
 /// The JSON type of a raw value, from its first byte (the parser has validated it).
@@ -79,16 +81,40 @@ impl<'a> JsonObject<'a> {
     /// Reads `json` as an object: a `parse` error if it is not JSON, a `schema` error if it is
     /// JSON of another kind.
     pub fn from_slice(json: &'a [u8]) -> Result<Self, RecordError> {
-        let mut de = serde_json::Deserializer::from_slice(json);
+        // One UTF-8 check of the whole payload, then a parser that does not check each string
+        // again (per-string checks cost more, notably inside WebAssembly).
+        let src = std::str::from_utf8(json)
+            .map_err(|e| RecordError::parse(format!("payload is not valid JSON: {e}")))?;
+        let mut de = serde_json::Deserializer::from_str(src);
         let fields = de::Deserializer::deserialize_any(&mut de, ObjectVisitor)
             .and_then(|fields| de.end().map(|()| fields))
             .map_err(|e| RecordError::parse(format!("payload is not valid JSON: {e}")))?;
         match fields {
-            Ok(fields) => Ok(JsonObject { fields }),
+            Ok(fields) => Ok(JsonObject { fields, src }),
             Err(kind) => Err(RecordError::schema(format!(
                 "payload is a JSON {kind}, expected an object"
             ))),
         }
+    }
+
+    /// Where field `(k, v)` lies in the source text, from its key's opening quote to the end
+    /// of its value: only for keys borrowed from it (no escapes) and values inside it.
+    fn borrowed_span(&self, k: &str, v: &RawValue) -> Option<(usize, usize)> {
+        let base = self.src.as_ptr() as usize;
+        let key_start = (k.as_ptr() as usize).checked_sub(base)?.checked_sub(1)?;
+        let value = v.get();
+        let value_start = (value.as_ptr() as usize).checked_sub(base)?;
+        let value_end = value_start + value.len();
+        let bytes = self.src.as_bytes();
+        // Between the key's text and the value: its closing quote, whitespace and a colon.
+        let between = bytes.get(key_start + 1 + k.len()..value_start)?;
+        let well_formed = bytes.get(key_start) == Some(&b'"')
+            && value_end <= bytes.len()
+            && between.first() == Some(&b'"')
+            && between[1..]
+                .iter()
+                .all(|&b| matches!(b, b':' | b' ' | b'\t' | b'\n' | b'\r'));
+        well_formed.then_some((key_start, value_end))
     }
 
     /// Number of fields (a repeated key counts each time).
@@ -312,7 +338,7 @@ const MAX_FIELD_DEPTH: usize = 126;
 fn value_limits(raw: &str) -> Result<(), &'static str> {
     let b = raw.as_bytes();
     // Rare: decode the value fully to have its escapes checked.
-    if raw.contains("\\u") {
+    if has_unicode_escape(b) {
         let decoded = match b.first() {
             Some(b'"') => serde_json::from_str::<String>(raw).map(drop),
             _ => serde_json::from_str::<Value>(raw).map(drop),
@@ -456,12 +482,40 @@ impl RowWriter {
     /// Copies every field of `object`, in order, except those named in `except` (typically
     /// the fields this row sets itself).
     pub fn copy_fields(&mut self, object: &JsonObject<'_>, except: &[&str]) -> &mut Self {
-        for (k, v) in object.iter() {
-            if !except.contains(&k) {
-                self.raw(k, v);
+        // Consecutive copied fields are one span of the input text (`"a":1,"b":2`): copied
+        // with one `memcpy` per run rather than two per field.
+        let mut run: Option<(usize, usize)> = None;
+        for (k, v) in &object.fields {
+            if except.contains(&k.as_ref()) {
+                self.flush_run(object.src, run.take());
+                continue;
+            }
+            let span = match k {
+                Cow::Borrowed(b) => object.borrowed_span(b, v),
+                Cow::Owned(_) => None,
+            };
+            match (span, run) {
+                (Some((_, end)), Some((run_start, _))) => run = Some((run_start, end)),
+                (Some(span), None) => run = Some(span),
+                (None, _) => {
+                    self.flush_run(object.src, run.take());
+                    self.key(k);
+                    self.buf.extend_from_slice(v.get().as_bytes());
+                }
             }
         }
+        self.flush_run(object.src, run);
         self
+    }
+
+    /// Appends `src[start..end]`, a run of whole fields, after a comma if needed.
+    fn flush_run(&mut self, src: &str, run: Option<(usize, usize)>) {
+        if let Some(text) = run.and_then(|(start, end)| src.get(start..end)) {
+            if self.buf.len() > 1 {
+                self.buf.push(b',');
+            }
+            self.buf.extend_from_slice(text.as_bytes());
+        }
     }
 
     pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
@@ -480,10 +534,7 @@ impl RowWriter {
         // Writing into a Vec cannot fail.
         let _ = write!(w, "{value}");
         // Rare: the text needs escaping; redo it through the escaper.
-        if self.buf[start..]
-            .iter()
-            .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
-        {
+        if needs_escape(&self.buf[start..]) {
             let text = String::from_utf8_lossy(&self.buf[start..]).into_owned();
             self.buf.truncate(start - 1);
             write_json_str(&mut self.buf, &text);
@@ -495,13 +546,16 @@ impl RowWriter {
 
     pub fn i64(&mut self, key: &str, value: i64) -> &mut Self {
         self.key(key);
-        let _ = write!(Utf8Sink(&mut self.buf), "{value}");
+        if value < 0 {
+            self.buf.push(b'-');
+        }
+        write_u64(&mut self.buf, value.unsigned_abs());
         self
     }
 
     pub fn u64(&mut self, key: &str, value: u64) -> &mut Self {
         self.key(key);
-        let _ = write!(Utf8Sink(&mut self.buf), "{value}");
+        write_u64(&mut self.buf, value);
         self
     }
 
@@ -566,9 +620,79 @@ impl fmt::Write for Utf8Sink<'_> {
     }
 }
 
+/// Appends `v` in decimal (without `core::fmt`, which is slow inside WebAssembly).
+fn write_u64(buf: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether any byte of the 8 in `x` is zero (the classic SWAR test: exact, no false hits).
+fn has_zero_byte(x: u64) -> bool {
+    (x.wrapping_sub(ONES) & !x & HIGHS) != 0
+}
+
+/// Whether `b` holds a byte that a JSON string literal must escape: a control character, `"`
+/// or `\`. Eight bytes per step: WebAssembly (without SIMD) runs a byte loop slowly.
+fn needs_escape(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        let x = u64::from_le_bytes(w);
+        // Bytes below 0x20: (x - 0x20..) borrows into the high bit only for those (bytes of
+        // 0x80 and above are excluded by `!x`).
+        let control = (x.wrapping_sub(0x20 * ONES) & !x & HIGHS) != 0;
+        if control
+            || has_zero_byte(x ^ (b'"' as u64 * ONES))
+            || has_zero_byte(x ^ (b'\\' as u64 * ONES))
+        {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&c| c < 0x20 || c == b'"' || c == b'\\')
+}
+
+/// Whether raw JSON text holds a `\u` escape (possibly preceded by another backslash: a
+/// false hit only costs a full check).
+fn has_unicode_escape(b: &[u8]) -> bool {
+    // Most values hold no backslash at all: eight bytes per step to find that out.
+    let mut chunks = b.chunks_exact(8);
+    let found = chunks.any(|c| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        has_zero_byte(u64::from_le_bytes(w) ^ (b'\\' as u64 * ONES))
+    });
+    if !found && !chunks.remainder().contains(&b'\\') {
+        return false;
+    }
+    let mut rest = b;
+    while let Some(p) = rest.iter().position(|&c| c == b'\\') {
+        if rest.get(p + 1) == Some(&b'u') {
+            return true;
+        }
+        rest = rest.get(p + 2..).unwrap_or_default();
+    }
+    false
+}
+
 /// Appends `s` as a JSON string literal.
 fn write_json_str(buf: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if !needs_escape(s.as_bytes()) {
         buf.push(b'"');
         buf.extend_from_slice(s.as_bytes());
         buf.push(b'"');
@@ -583,6 +707,78 @@ mod tests {
     use super::*;
     use crate::ErrorKind;
     use serde_json::json;
+
+    #[test]
+    fn escape_scan_matches_the_byte_rule() {
+        let naive = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+        // Every byte value at every position of a 1..=17-byte window of otherwise plain text.
+        for len in 1..=17 {
+            for pos in 0..len {
+                for byte in 0..=255u8 {
+                    let mut b = vec![b'a'; len];
+                    b[pos] = byte;
+                    assert_eq!(needs_escape(&b), naive(&b), "{b:?}");
+                }
+            }
+        }
+        assert!(!needs_escape(
+            "héllo wörld, ünïcode ✓ 0123456789".as_bytes()
+        ));
+        assert!(!needs_escape(b""));
+    }
+
+    #[test]
+    fn integers_and_unicode_escapes() {
+        for v in [0u64, 7, 10, 99, 100, 12345, u64::MAX] {
+            let mut buf = Vec::new();
+            write_u64(&mut buf, v);
+            assert_eq!(buf, v.to_string().into_bytes());
+        }
+        let mut w = RowWriter::new();
+        w.i64("a", i64::MIN).i64("b", -5).i64("c", 0).u64("d", 42);
+        let row = w.finish();
+        assert_eq!(
+            row.value().unwrap(),
+            br#"{"a":-9223372036854775808,"b":-5,"c":0,"d":42}"#
+        );
+        assert!(has_unicode_escape(br#""a\u00e9""#));
+        assert!(has_unicode_escape(br#""\u""#));
+        assert!(!has_unicode_escape(br#""a\nb\\""#));
+        assert!(!has_unicode_escape(br#""\""#));
+        assert!(!has_unicode_escape(b"plain"));
+    }
+
+    #[test]
+    fn copy_fields_copies_runs_verbatim_and_escapes_the_rest() {
+        let text = "{ \"a\" : 1 ,\"b\":\"x\",\n\"skip\":[1, 2],\"c\\u0041\":{\"n\":null}, \"d\":true,\"e\":-2.5e3 }";
+        let o = obj(text);
+        let mut w = RowWriter::new();
+        w.str("first", "v")
+            .copy_fields(&o, &["skip", "e"])
+            .i64("last", 7);
+        let row = w.finish();
+        let out = std::str::from_utf8(row.value().unwrap()).unwrap();
+        assert_eq!(
+            out,
+            "{\"first\":\"v\",\"a\" : 1 ,\"b\":\"x\",\"cA\":{\"n\":null},\"d\":true,\"last\":7}"
+        );
+        let v: Value = serde_json::from_str(out).unwrap();
+        assert_eq!(
+            v,
+            json!({"first": "v", "a": 1, "b": "x", "cA": {"n": null}, "d": true, "last": 7})
+        );
+        // Nothing copied: the writer stays an empty object.
+        let mut w = RowWriter::new();
+        w.copy_fields(&obj("{\"a\":1}"), &["a"]);
+        assert_eq!(w.finish().value().unwrap(), b"{}");
+        // Every field of the input, the same bytes.
+        let mut w = RowWriter::new();
+        w.copy_fields(&obj(r#"{"x":[1,{"y":"z"}],"w":"\n"}"#), &[]);
+        assert_eq!(
+            w.finish().value().unwrap(),
+            br#"{"x":[1,{"y":"z"}],"w":"\n"}"#
+        );
+    }
 
     fn obj(text: &str) -> JsonObject<'_> {
         JsonObject::from_slice(text.as_bytes()).unwrap()

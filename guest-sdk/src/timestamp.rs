@@ -96,10 +96,36 @@ impl Timestamp {
 
 struct DateText(i64);
 
+/// Writes `v` as exactly `out.len()` decimal digits, zero-padded (the caller keeps it in range).
+fn put_digits(out: &mut [u8], v: i64) {
+    // Non-negative and below 10^4 here; 32-bit unsigned arithmetic is the cheapest in wasm32.
+    let mut v = u32::try_from(v).unwrap_or(0);
+    for b in out.iter_mut().rev() {
+        *b = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+}
+
+/// `YYYY-MM-DD` of a day count; years stay within 0000-9999 (the `Timestamp` range).
+fn date_bytes(days: i64) -> [u8; 10] {
+    let (y, m, d) = civil_from_days(days);
+    let mut out = *b"0000-00-00";
+    put_digits(&mut out[0..4], y);
+    put_digits(&mut out[5..7], m);
+    put_digits(&mut out[8..10], d);
+    out
+}
+
+/// The ASCII text built above, as `str` (cannot fail: only digits and separators).
+fn ascii(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
+}
+
+// Both texts are written digit by digit into a fixed buffer: `write!` with padded integers
+// costs several times more, notably inside WebAssembly (docs/benchmarks.md).
 impl fmt::Display for DateText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (y, m, d) = civil_from_days(self.0.div_euclid(MS_PER_DAY));
-        write!(f, "{y:04}-{m:02}-{d:02}")
+        f.write_str(ascii(&date_bytes(self.0.div_euclid(MS_PER_DAY))))
     }
 }
 
@@ -107,14 +133,13 @@ impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let days = self.millis.div_euclid(MS_PER_DAY);
         let ms_of_day = self.millis.rem_euclid(MS_PER_DAY);
-        let (y, mo, d) = civil_from_days(days);
-        let (h, mi, s, ms) = (
-            ms_of_day / 3_600_000,
-            ms_of_day / 60_000 % 60,
-            ms_of_day / 1000 % 60,
-            ms_of_day % 1000,
-        );
-        write!(f, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        out[..10].copy_from_slice(&date_bytes(days));
+        put_digits(&mut out[11..13], ms_of_day / 3_600_000);
+        put_digits(&mut out[14..16], ms_of_day / 60_000 % 60);
+        put_digits(&mut out[17..19], ms_of_day / 1000 % 60);
+        put_digits(&mut out[20..23], ms_of_day % 1000);
+        f.write_str(ascii(&out))
     }
 }
 

@@ -17,16 +17,20 @@ pub struct BenchEvent {
     pub value: Vec<u8>,
     /// The event's `ts` in epoch milliseconds.
     pub ts_ms: i64,
+    /// Explicit partition (co-partitioned topics); `None`: the producer's partitioner on `key`.
+    pub partition: Option<i32>,
 }
 
 /// Event `i` of a stream. `ts_ms`: the event time to write (epoch milliseconds, used by the
 /// latency run to carry the produce time); `None` keeps the reference workload's time.
 pub fn event(i: usize, rng: &mut Rng, ts_ms: Option<i64>) -> BenchEvent {
-    let mut v = transaction(i, rng, 10_000);
-    v["merchant"] = json!(format!("merchant-{:06}", rng.below(50_000)));
-    v["country"] = json!(COUNTRIES[rng.below(COUNTRIES.len() as u64) as usize]);
-    v["channel"] = json!(CHANNELS[rng.below(CHANNELS.len() as u64) as usize]);
-    v["device"] = json!(format!("d-{:016x}", rng.next_u64()));
+    event_of_users(i, rng, ts_ms, 10_000)
+}
+
+/// [`event`] with `user_id` drawn below `users`.
+pub fn event_of_users(i: usize, rng: &mut Rng, ts_ms: Option<i64>, users: u64) -> BenchEvent {
+    let mut v = transaction(i, rng, users);
+    pad(&mut v, rng);
     let ts = match ts_ms {
         Some(ms) => {
             v["ts"] = json!(ms);
@@ -39,7 +43,16 @@ pub fn event(i: usize, rng: &mut Rng, ts_ms: Option<i64>) -> BenchEvent {
         key,
         value: serde_json::to_vec(&v).unwrap_or_default(),
         ts_ms: ts,
+        partition: None,
     }
+}
+
+/// Adds the four padding fields (all table columns) to a reference transaction.
+pub fn pad(v: &mut serde_json::Value, rng: &mut Rng) {
+    v["merchant"] = json!(format!("merchant-{:06}", rng.below(50_000)));
+    v["country"] = json!(COUNTRIES[rng.below(COUNTRIES.len() as u64) as usize]);
+    v["channel"] = json!(CHANNELS[rng.below(CHANNELS.len() as u64) as usize]);
+    v["device"] = json!(format!("d-{:016x}", rng.next_u64()));
 }
 
 /// The backlog: `n` events, deterministic.

@@ -106,11 +106,15 @@ fn send_retrying(
     topic: &str,
     key: &str,
     value: &[u8],
+    partition: Option<i32>,
     opaque: usize,
 ) -> Result<()> {
     let mut rec = BaseRecord::with_opaque_to(topic, opaque)
         .key(key)
         .payload(value);
+    if let Some(p) = partition {
+        rec = rec.partition(p);
+    }
     loop {
         match p.send(rec) {
             Ok(()) => return Ok(()),
@@ -128,7 +132,7 @@ pub fn produce_all(brokers: &str, topic: &str, events: &[BenchEvent]) -> Result<
     let t0 = Instant::now();
     let (p, stats) = producer(brokers, 5)?;
     for e in events {
-        send_retrying(&p, topic, &e.key, &e.value, 0)?;
+        send_retrying(&p, topic, &e.key, &e.value, e.partition, 0)?;
     }
     p.flush(Duration::from_secs(120))
         .context("flush the backlog")?;
@@ -173,7 +177,7 @@ pub fn produce_paced(
         while sent < due {
             let e = event(first_index + sent, &mut rng, Some(now_ms()));
             let stamp = origin.elapsed().as_micros() as usize + 1;
-            send_retrying(&p, topic, &e.key, &e.value, stamp)?;
+            send_retrying(&p, topic, &e.key, &e.value, e.partition, stamp)?;
             sent += 1;
         }
         std::thread::sleep(Duration::from_micros(500));

@@ -3,6 +3,7 @@
 //! the outside through `/proc` and ClickHouse. Nothing here asserts on timings.
 
 pub mod events;
+pub mod full;
 pub mod kafka;
 pub mod pipeline;
 pub mod procfs;

@@ -24,11 +24,19 @@ pub struct PipelineSpec {
     /// The stage's `config` (the enrich plugin's settings).
     pub plugin_config: serde_json::Value,
     pub state_dir: PathBuf,
+    /// The whole `stages` list instead of the one enrich stage (the full path).
+    pub stages: Option<serde_json::Value>,
 }
 
 impl PipelineSpec {
     /// Writes the pipeline file (JSON, which is YAML) and returns its path.
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
+        let stages = self.stages.clone().unwrap_or_else(|| {
+            serde_json::json!([{
+                "name": "enrich",
+                "wasm": {"plugin": self.plugin, "config": self.plugin_config},
+            }])
+        });
         let cfg = serde_json::json!({
             "name": self.name,
             "kafka": {
@@ -38,10 +46,7 @@ impl PipelineSpec {
                 "start_offset": "earliest",
                 "properties": {"receive.message.max.bytes": RECEIVE_MESSAGE_MAX_BYTES},
             },
-            "stages": [{
-                "name": "enrich",
-                "wasm": {"plugin": self.plugin, "config": self.plugin_config},
-            }],
+            "stages": stages,
             "sink": {"clickhouse": {"url": self.ch_url, "table": self.table}},
             "dead_letter": {"topic": format!("{}-dlq", self.topic)},
             "state": {"dir": self.state_dir},
@@ -217,6 +222,15 @@ pub struct Visibility {
     pub first_row_s: f64,
     pub all_rows_s: f64,
     pub usage: Vec<ProcUsage>,
+    /// Rows visible at the end: `expected`, or fewer when the count stalled (see
+    /// [`wait_visible_or_stall`]); then `all_rows_s` and `usage` are those of the last change.
+    pub rows: u64,
+}
+
+impl Visibility {
+    pub fn complete(&self, expected: u64) -> bool {
+        self.rows == expected
+    }
 }
 
 /// Polls `count()` until `expected` rows are visible: every 10 ms until the first row (the
@@ -231,7 +245,26 @@ pub async fn wait_visible(
     every: Duration,
     timeout: Duration,
 ) -> Result<Visibility> {
+    wait_visible_or_stall(ch, table, expected, procs, start, every, timeout, None).await
+}
+
+/// [`wait_visible`], but when `stall` is given and the count has not changed for that long
+/// (rows lost or stuck in the pipeline), returns what was visible then instead of waiting for
+/// the timeout: the time and usage of the last change, and `rows` < `expected`.
+#[allow(clippy::too_many_arguments)]
+pub async fn wait_visible_or_stall(
+    ch: &clickhouse::Client,
+    table: &str,
+    expected: u64,
+    procs: &mut [SluiceProc],
+    start: Instant,
+    every: Duration,
+    timeout: Duration,
+    stall: Option<Duration>,
+) -> Result<Visibility> {
     let mut first = None;
+    // (count, time, usage) when the count last changed.
+    let mut last: (u64, f64, Vec<ProcUsage>) = (0, 0.0, Vec::new());
     loop {
         let n = ch_count(ch, table).await?;
         let t = start.elapsed().as_secs_f64();
@@ -246,6 +279,20 @@ pub async fn wait_visible(
                 first_row_s: first.unwrap_or(t),
                 all_rows_s: t,
                 usage: procs.iter().map(SluiceProc::usage).collect(),
+                rows: n,
+            });
+        }
+        if n != last.0 {
+            last = (n, t, procs.iter().map(SluiceProc::usage).collect());
+        } else if let Some(stall) = stall.filter(|s| n > 0 && t - last.1 > s.as_secs_f64()) {
+            eprintln!(
+                "==> {table}: {n} of {expected} rows, no new row for {stall:?}: stopping the wait"
+            );
+            return Ok(Visibility {
+                first_row_s: first.unwrap_or(t),
+                all_rows_s: last.1,
+                usage: last.2,
+                rows: n,
             });
         }
         for p in procs.iter_mut() {

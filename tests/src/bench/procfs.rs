@@ -56,6 +56,13 @@ pub fn usage(pid: u32) -> Option<ProcUsage> {
     })
 }
 
+/// CPU time the calling thread has used so far, in nanoseconds (`/proc/thread-self/schedstat`):
+/// unlike wall time, it does not count the time other processes on a shared machine took.
+pub fn thread_cpu_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// This process.
 pub fn self_usage() -> ProcUsage {
     usage(std::process::id()).unwrap_or_default()

@@ -10,6 +10,8 @@
 //! memory):
 //! - `backlog`: produce the backlog; raw rdkafka consume (a child process); raw RowBinary insert
 //!   of the same rows; then the plain path (`sluice run`, Rust enrich plugin as WASM) on it;
+//! - `full`: the reference workload (`bench::full`: ~10 % repeated ids, a co-partitioned users
+//!   topic) through dedup → enrich (WASM) → interval join → ClickHouse, every row counted;
 //! - `latency`: sluice running, events produced at a fixed rate, produce time → row visible;
 //! - `wasm`: the enrich transform native vs through the WASM stage; compile/load/instantiate;
 //! - `scaling`: the plain path with 1, 2, 4 partitions and with 2 instances on 4 partitions;
@@ -30,6 +32,7 @@ use serde::Serialize;
 
 use sluice::stage::Stage;
 use sluice_tests::bench::events::{self, BenchEvent, TxRow};
+use sluice_tests::bench::full;
 use sluice_tests::bench::kafka::{self, RawConsume};
 use sluice_tests::bench::pipeline::{self, PipelineSpec, SluiceProc, Visibility};
 use sluice_tests::bench::procfs;
@@ -107,11 +110,15 @@ struct RunArgs {
     kafka_port: u16,
     #[arg(long, default_value_t = 18323)]
     ch_port: u16,
-    /// Comma-separated subset of backlog,latency,wasm,scaling,swap (or `all`).
+    /// Partitions of the full path's two (co-partitioned) topics.
+    #[arg(long, default_value_t = 2)]
+    full_partitions: i32,
+    /// Comma-separated subset of backlog,full,latency,wasm,scaling,swap (or `all`).
     #[arg(long, default_value = "all")]
     phases: String,
-    /// Run the sluice process of the 1-partition plain-path run under `perf record` (250 Hz,
-    /// DWARF call graphs; slows it down a little); the report goes to <work-dir>/perf-plain.txt.
+    /// Run the sluice process of the 1-partition plain-path run (and of the full path) under
+    /// `perf record` (250 Hz, DWARF call graphs; slows it down a little); the reports go to
+    /// <work-dir>/perf-plain.txt and perf-full.txt.
     #[arg(long)]
     perf: bool,
     /// Where to write the results as JSON (default: <work-dir>/results.json).
@@ -171,6 +178,32 @@ struct PathRun {
     raw_consume_per_s: f64,
     /// Size of the state dirs after the run (journal, outbox and WAL in RocksDB).
     state_dir_mib: f64,
+}
+
+/// The full path: the reference workload through dedup → enrich → interval join.
+#[derive(Debug, Clone, Serialize)]
+struct FullRun {
+    /// `records` = transaction records produced (repeats included); CPU per million of those.
+    run: PathRun,
+    users_records: usize,
+    duplicates: usize,
+    distinct_ids: usize,
+    expected_rows: u64,
+    expected_matched: u64,
+    /// What the table held after sluice stopped.
+    rows: u64,
+    matched_rows: u64,
+    row_ids: u64,
+    /// The slower of raw consume (of the transactions topic) and raw insert (backlog phase).
+    slower_baseline_per_s: f64,
+}
+
+impl FullRun {
+    fn intact(&self) -> bool {
+        self.rows == self.expected_rows
+            && self.matched_rows == self.expected_matched
+            && self.row_ids == self.distinct_ids as u64
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -266,6 +299,7 @@ struct Results {
     raw_consume: Option<RawConsume>,
     raw_insert: Option<RawInsert>,
     plain: Option<PathRun>,
+    full: Option<FullRun>,
     latency: Vec<Latency>,
     wasm: Vec<WasmCost>,
     plugin: Option<PluginTimes>,
@@ -277,6 +311,21 @@ struct Results {
 // ---------------------------------------------------------------------------------------------
 // Phases
 // ---------------------------------------------------------------------------------------------
+
+/// One run of a path (see `Bench::path_run`).
+struct PathJob<'a> {
+    topic: &'a str,
+    partitions: i32,
+    instances: usize,
+    /// Records of the topic; CPU is reported per million of these.
+    records: usize,
+    /// Rows the table holds once everything is processed.
+    expected_rows: u64,
+    raw_consume_per_s: f64,
+    profile: bool,
+    /// The full path's stages (and table with the join's columns); `None`: the plain path.
+    stages: Option<serde_json::Value>,
+}
 
 struct Bench {
     args: RunArgs,
@@ -430,6 +479,7 @@ impl Bench {
             plugin: self.args.plugin.clone(),
             plugin_config: serde_json::json!({"version": "v1"}),
             state_dir: self.work.join("state").join(name),
+            stages: None,
         }
     }
 
@@ -444,19 +494,53 @@ impl Bench {
         raw_consume_per_s: f64,
         profile: bool,
     ) -> Result<PathRun> {
+        let job = PathJob {
+            topic,
+            partitions,
+            instances,
+            records,
+            expected_rows: records as u64,
+            raw_consume_per_s,
+            profile,
+            stages: None,
+        };
+        Ok(self.path_run(job).await?.0)
+    }
+
+    /// Runs `job` until its expected rows are visible; with `job.stages` (the full path) also
+    /// returns what the table held after sluice stopped: (rows, rows with a user, distinct ids).
+    async fn path_run(&mut self, job: PathJob<'_>) -> Result<(PathRun, Option<(u64, u64, u64)>)> {
+        let PathJob {
+            topic,
+            partitions,
+            instances,
+            records,
+            expected_rows,
+            raw_consume_per_s,
+            profile,
+            stages,
+        } = job;
         let id = self.next_id();
-        let table = format!("plain_{id}");
+        let kind = if stages.is_some() { "full" } else { "plain" };
+        let table = format!("{kind}_{id}");
         let group = format!("sluice-bench-{id}");
-        self.fresh_table(&table).await?;
+        self.ch_exec(&format!("DROP TABLE IF EXISTS {table} SYNC"))
+            .await?;
+        if stages.is_some() {
+            self.ch_exec(&full::table_ddl_full(&table)).await?;
+        } else {
+            self.ch_exec(&events::table_ddl(&table)).await?;
+        }
         let mut configs = Vec::new();
         for i in 0..instances {
-            let spec = self.spec(&format!("bench{id}i{i}"), topic, &group, &table);
+            let mut spec = self.spec(&format!("bench{id}i{i}"), topic, &group, &table);
+            spec.stages = stages.clone();
             let cfg = spec.write(&self.work.join("pipelines"))?;
             pipeline::warm_plugin_cache(&self.sluice, &cfg)?;
             configs.push(cfg);
         }
         say(format!(
-            "plain path: {instances} sluice instance(s), {partitions} partition(s), {records} records"
+            "{kind} path: {instances} sluice instance(s), {partitions} partition(s), {records} records, {expected_rows} rows expected"
         ));
         let (broker_pid, ch_pid) = (self.svc.kafka_pid(), self.svc.ch_pid());
         let (b0, c0, m0) = (
@@ -466,7 +550,7 @@ impl Bench {
         );
         let start = Instant::now();
         // DWARF call graphs: the release build keeps line tables but no frame pointers.
-        let perf_data = self.work.join("perf-plain.data");
+        let perf_data = self.work.join(format!("perf-{kind}.data"));
         let wrapper: Vec<String> = if profile {
             [
                 "perf",
@@ -486,7 +570,7 @@ impl Bench {
         };
         let mut procs = Vec::new();
         for (i, cfg) in configs.iter().enumerate() {
-            let log = self.work.join("logs").join(format!("plain_{id}_{i}.log"));
+            let log = self.work.join("logs").join(format!("{kind}_{id}_{i}.log"));
             procs.push(SluiceProc::spawn_wrapped(
                 &wrapper,
                 &self.sluice,
@@ -495,14 +579,18 @@ impl Bench {
                 &log,
             )?);
         }
-        let vis: Visibility = pipeline::wait_visible(
+        // The full path stops waiting once no row came for a minute (rows stuck in the join's
+        // state are reported as missing rather than waited for until the timeout).
+        let stall = stages.is_some().then(|| Duration::from_secs(60));
+        let vis: Visibility = pipeline::wait_visible_or_stall(
             &self.ch,
             &table,
-            records as u64,
+            expected_rows,
             &mut procs,
             start,
             Duration::from_millis(100),
-            Duration::from_secs(600),
+            Duration::from_secs(900),
+            stall,
         )
         .await?;
         let (b1, c1, m1) = (
@@ -514,9 +602,23 @@ impl Bench {
             p.terminate(Duration::from_secs(60))?;
         }
         if profile {
-            perf_report(&perf_data, &self.work.join("perf-plain.txt"))?;
+            perf_report(&perf_data, &self.work.join(format!("perf-{kind}.txt")))?;
+            std::fs::remove_file(&perf_data).ok();
         }
         let total = procfs::combine(&vis.usage);
+        let check = if stages.is_some() {
+            let (rows, matched, ids): (u64, u64, u64) = self
+                .ch
+                .query(&format!(
+                    "SELECT count(), countIf(user_name IS NOT NULL), uniqExact(id) FROM {table}"
+                ))
+                .fetch_one()
+                .await
+                .context("count the full path's rows")?;
+            Some((rows, matched, ids))
+        } else {
+            None
+        };
         self.ch_exec(&format!("DROP TABLE {table} SYNC")).await?;
         // Measured, then removed: a million records leave ~150 MiB of RocksDB files.
         let mut state_bytes = 0;
@@ -525,7 +627,7 @@ impl Bench {
             state_bytes += dir_size(&dir);
             std::fs::remove_dir_all(&dir).ok();
         }
-        Ok(PathRun {
+        let run = PathRun {
             partitions,
             instances,
             records,
@@ -541,6 +643,62 @@ impl Bench {
             other_cpu_s: (m1 - m0) - total.cpu_s - (b1 - b0) - (c1 - c0),
             raw_consume_per_s,
             state_dir_mib: state_bytes as f64 / (1024.0 * 1024.0),
+        };
+        Ok((run, check))
+    }
+
+    /// The full path on a fresh broker: both topics produced, a raw consume of the transactions,
+    /// then one sluice on the reference pipeline until all expected rows are visible.
+    async fn full_path(&mut self, n: usize, raw_insert_per_s: Option<f64>) -> Result<FullRun> {
+        let parts = self.args.full_partitions;
+        say(format!(
+            "generating the full path's workload: {n} transactions"
+        ));
+        let w = full::workload(n, parts);
+        self.svc.fresh_kafka()?;
+        let brokers = self.svc.brokers();
+        let (tx_topic, users_topic) = ("full-tx", "full-users");
+        for (t, p) in [(tx_topic, parts), (users_topic, parts), ("full-tx-dlq", 1)] {
+            kafka::create_topic(&brokers, t, p).await?;
+        }
+        say(format!(
+            "producing {} transactions ({} repeats) and {} user profiles ({parts} partition(s) each)",
+            w.transactions.len(),
+            w.duplicates,
+            w.users.len()
+        ));
+        tokio::task::block_in_place(|| {
+            kafka::produce_all(&brokers, users_topic, &w.users)?;
+            kafka::produce_all(&brokers, tx_topic, &w.transactions)
+        })?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let raw = self.raw_consume(tx_topic, w.transactions.len())?;
+        let slower = raw_insert_per_s.map_or(raw.records_per_s(), |i| i.min(raw.records_per_s()));
+        let stages = full::stages(&self.args.plugin, users_topic);
+        let (run, check) = self
+            .path_run(PathJob {
+                topic: tx_topic,
+                partitions: parts,
+                instances: 1,
+                records: w.transactions.len(),
+                expected_rows: w.expected_rows,
+                raw_consume_per_s: raw.records_per_s(),
+                profile: self.args.perf,
+                stages: Some(stages),
+            })
+            .await?;
+        let (rows, matched_rows, row_ids) = check.context("full path: no row check")?;
+        Ok(FullRun {
+            run,
+            users_records: w.users.len(),
+            duplicates: w.duplicates,
+            distinct_ids: w.distinct,
+            expected_rows: w.expected_rows,
+            expected_matched: w.expected_matched,
+            rows,
+            matched_rows,
+            row_ids,
+            slower_baseline_per_s: slower,
         })
     }
 
@@ -940,8 +1098,8 @@ fn dir_size(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// Writes the report of a `perf record` run: the flat profile (hottest symbols) and the call
-/// graph of the hottest ones.
+/// Writes the report of a `perf record` run: the flat profile (hottest symbols), the call
+/// graph of the hottest ones and the inclusive share of every function above 0.5 %.
 fn perf_report(data: &std::path::Path, out: &std::path::Path) -> Result<()> {
     let mut text = Vec::new();
     for args in [
@@ -955,9 +1113,21 @@ fn perf_report(data: &std::path::Path, out: &std::path::Path) -> Result<()> {
             "--percent-limit",
             "2",
         ][..],
+        // Inclusive shares (a function and everything it calls): where each stage's CPU goes.
+        &[
+            "--children",
+            "--sort",
+            "sym",
+            "-g",
+            "none",
+            "--percent-limit",
+            "0.5",
+        ][..],
     ] {
+        // --no-inline: resolving inlined frames runs addr2line per address (tens of minutes
+        // for a DWARF profile of a release build).
         let o = Command::new("perf")
-            .args(["report", "--stdio", "-i"])
+            .args(["report", "--stdio", "--no-inline", "-i"])
             .arg(data)
             .args(args)
             .output()
@@ -1022,8 +1192,6 @@ fn verdict(met: Option<bool>) -> &'static str {
     }
 }
 
-const FULL_PATH: &str =
-    "not measured yet (dedup and join stages are landing; not wired into sluice-bench)";
 const STATE: &str =
     "not measured by sluice-bench: `state-bench` measures it (docs/benchmarks.md, State)";
 /// sluice's default `sink.batch.max_age_ms`; `PipelineSpec` sets no `batch` section.
@@ -1128,12 +1296,68 @@ fn report(r: &Results) -> String {
             Some(p.peak_rss_mib <= 256.0),
         );
     }
-    row(
-        "full path (dedup + WASM + join)",
-        FULL_PATH.into(),
-        "≤ 4 CPU-s per M",
-        None,
-    );
+    if let Some(f) = &r.full {
+        let p = &f.run;
+        row(
+            "full path (dedup + WASM + interval join): all rows visible",
+            format!(
+                "{:.2} s for {} transactions = {} ({:.2}× the slower baseline, {}); {} user profiles on the side topic",
+                p.all_rows_s,
+                p.records,
+                k(p.records_per_s),
+                p.records_per_s / f.slower_baseline_per_s,
+                k(f.slower_baseline_per_s),
+                f.users_records
+            ),
+            "",
+            None,
+        );
+        row(
+            "full path: rows",
+            format!(
+                "{} rows ({} with a user), expected {} ({}) = {} distinct ids of {} records ({} repeats dropped){}",
+                f.rows, f.matched_rows, f.expected_rows, f.expected_matched, f.distinct_ids,
+                p.records, f.duplicates,
+                if f.rows < f.expected_rows {
+                    " — INCOMPLETE: the count stalled; time, CPU and RSS above and below are those of the last row that arrived"
+                } else {
+                    ""
+                }
+            ),
+            "exact",
+            Some(f.intact()),
+        );
+        row(
+            "full path: CPU-s per million records (sluice process)",
+            format!(
+                "{:.2} per M transactions ({:.2} CPU-s; {:.2} per M records consumed incl. profiles; meanwhile broker {:.2}, ClickHouse {:.2}, other processes {:.2} CPU-s)",
+                p.sluice_cpu_s_per_million,
+                p.sluice_cpu_s,
+                p.sluice_cpu_s * 1e6 / (p.records + f.users_records) as f64,
+                p.broker_cpu_s,
+                p.clickhouse_cpu_s,
+                p.other_cpu_s
+            ),
+            "≤ 4",
+            Some(p.sluice_cpu_s_per_million <= 4.0),
+        );
+        row(
+            "full path: first row visible, peak RSS",
+            format!(
+                "first row {:.2} s; peak RSS {:.0} MiB (state dir afterwards: {:.0} MiB)",
+                p.first_row_s, p.peak_rss_mib, p.state_dir_mib
+            ),
+            "",
+            None,
+        );
+    } else {
+        row(
+            "full path (dedup + WASM + join)",
+            "not measured in this run (`--phases full`)".into(),
+            "≤ 4 CPU-s per M",
+            None,
+        );
+    }
     for l in &r.latency {
         // The target is stated for 50,000 records/s; other rates are for reference.
         let (target, met) = if l.target_rate == 50_000 {
@@ -1429,6 +1653,14 @@ async fn phases(b: &mut Bench, r: &mut Results) -> Result<()> {
         r.raw_consume = Some(raw);
         r.plain = Some(plain);
     }
+    // A full path whose rows are wrong does not stop the other phases; the run fails at the end.
+    let mut full_broken = false;
+    if b.args.phase("full") {
+        let raw_insert = r.raw_insert.as_ref().map(|i| i.rows_per_s);
+        let f = b.full_path(n, raw_insert).await?;
+        full_broken = !f.intact();
+        r.full = Some(f);
+    }
     if b.args.phase("latency") {
         for rate in b.args.latency_rates.clone() {
             r.latency.push(b.latency(rate).await?);
@@ -1492,6 +1724,9 @@ async fn phases(b: &mut Bench, r: &mut Results) -> Result<()> {
         }
     }
     b.svc.stop_kafka()?;
+    if full_broken {
+        bail!("full path: the table does not hold the expected rows (see the results)");
+    }
     Ok(())
 }
 

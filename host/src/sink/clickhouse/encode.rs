@@ -185,10 +185,23 @@ impl RowEncoder {
     /// result is the same as parsing `json` into a `Value` and calling [`Self::encode_row`]
     /// (duplicate keys: the last one wins), for a fraction of the cost.
     pub fn encode_json(&self, json: &[u8], out: &mut Vec<u8>) -> Result<(), JsonRowError> {
-        let mut slots: Vec<Option<Field<'_>>> = Vec::new();
+        // One (vectorised) UTF-8 check of the whole row, then a parser that does not check
+        // every key and string again. A row that is not UTF-8 goes through the byte parser,
+        // whose error says where, exactly as before.
+        match std::str::from_utf8(json) {
+            Ok(text) => self.encode_from(serde_json::Deserializer::from_str(text), out),
+            Err(_) => self.encode_from(serde_json::Deserializer::from_slice(json), out),
+        }
+    }
+
+    fn encode_from<'de, R: serde_json::de::Read<'de>>(
+        &self,
+        mut de: serde_json::Deserializer<R>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), JsonRowError> {
+        let mut slots: Vec<Option<Field<'de>>> = Vec::new();
         slots.resize_with(self.columns.len(), || None);
         let mut unknown = Vec::new();
-        let mut de = serde_json::Deserializer::from_slice(json);
         let shape = de::Deserializer::deserialize_any(
             &mut de,
             RowVisitor {

@@ -18,7 +18,7 @@ use crate::plugin_store::{now_ms, PluginRef};
 use crate::record::{DeadLetter, Header, Record};
 use crate::stage::{BatchContext, PluginSlot, Stage, StageError, StageOutput};
 use crate::state::StateTxn;
-use bindings::{BatchResult, InputRecord, Source};
+use bindings::{BatchResult, HeaderParam, InputRecordRef, SourceRef};
 pub use runtime::{LoadedPlugin, LogLabels, PluginError, PluginInstance, PluginRuntime};
 pub use shadow::ShadowReport;
 
@@ -115,7 +115,7 @@ impl WasmStage {
 
     /// Calls the plugin; on any failure the instance is dropped so the next call starts clean
     /// (a fresh instance from the precompiled component costs tens of microseconds).
-    fn call(&mut self, inputs: &[InputRecord]) -> Result<BatchResult, PluginError> {
+    fn call(&mut self, inputs: &[InputRecordRef<'_>]) -> Result<BatchResult, PluginError> {
         let instance = match self.instance.as_mut() {
             Some(i) => i,
             None => self.instance.insert(self.plugin.instantiate(
@@ -125,7 +125,7 @@ impl WasmStage {
                 self.labels.clone(),
             )?),
         };
-        let result = instance.process(inputs);
+        let result = instance.process_refs(inputs);
         if result.is_err() {
             self.instance = None;
         }
@@ -197,7 +197,7 @@ impl WasmStage {
     fn bisect(
         &mut self,
         batch: &[Record],
-        inputs: &[InputRecord],
+        inputs: &[InputRecordRef<'_>],
         ctx: &BatchContext,
         out: &mut StageOutput,
         budget: &mut u32,
@@ -240,25 +240,35 @@ impl WasmStage {
     }
 }
 
-fn to_input(r: &Record) -> InputRecord {
-    InputRecord {
-        key: r.key.as_ref().map(|k| k.to_vec()),
-        value: r.value.to_vec(),
-        headers: r
-            .headers
-            .iter()
-            .map(|h| bindings::Header {
-                key: h.key.clone(),
-                value: h.value.to_vec(),
-            })
-            .collect(),
-        source: Source {
-            topic: r.origin.topic.to_string(),
+/// The plugin's view of a record: borrowed, copied once by wasmtime into the guest's memory.
+fn to_input<'a>(r: &'a Record, headers: &'a [HeaderParam<'a>]) -> InputRecordRef<'a> {
+    InputRecordRef {
+        key: r.key.as_deref(),
+        value: &r.value,
+        headers,
+        source: SourceRef {
+            topic: &r.origin.topic,
             partition: r.origin.partition,
             offset: r.origin.offset,
             timestamp_ms: r.origin.timestamp_ms,
         },
     }
+}
+
+/// The headers of each record as the plugin sees them (no allocation for records without).
+fn header_refs(batch: &[Record]) -> Vec<Vec<HeaderParam<'_>>> {
+    batch
+        .iter()
+        .map(|r| {
+            r.headers
+                .iter()
+                .map(|h| HeaderParam {
+                    key: &h.key,
+                    value: &h.value,
+                })
+                .collect()
+        })
+        .collect()
 }
 
 impl Stage for WasmStage {
@@ -297,7 +307,7 @@ impl WasmStage {
     /// are counted, never propagated: a shadow cannot disturb the live pipeline.
     fn run_shadow(
         &mut self,
-        inputs: &[InputRecord],
+        inputs: &[InputRecordRef<'_>],
         live: &BatchResult,
         live_time: std::time::Duration,
     ) {
@@ -315,7 +325,7 @@ impl WasmStage {
             ),
         };
         let result = instance.and_then(|mut i| {
-            let r = i.process(inputs);
+            let r = i.process_refs(inputs);
             if r.is_ok() {
                 run.instance = Some(i);
             }
@@ -413,7 +423,12 @@ impl WasmStage {
         if batch.is_empty() {
             return Ok(StageOutput::default());
         }
-        let inputs: Vec<InputRecord> = batch.iter().map(to_input).collect();
+        let headers = header_refs(batch);
+        let inputs: Vec<InputRecordRef<'_>> = batch
+            .iter()
+            .zip(&headers)
+            .map(|(r, h)| to_input(r, h))
+            .collect();
         let started = std::time::Instant::now();
         let called = self.call(&inputs);
         if let (Ok(result), Some(_)) = (&called, &self.shadow) {

@@ -12,7 +12,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{self, BatchResult, InputRecord, Plugin, PluginPre};
+use super::bindings::{self, BatchResult, InputRecord, InputRecordRef, Plugin, PluginPre};
 use crate::config::{PluginLimits, WasiGrants};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
@@ -213,6 +213,11 @@ impl PluginRuntime {
         cfg.wasm_component_model(true);
         cfg.epoch_interruption(true);
         cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        // `SLUICE_WASM_PROFILE=perfmap`: write /tmp/perf-<pid>.map so that `perf report` names
+        // the plugins' functions instead of showing `[JIT]` (docs/benchmarks.md).
+        if std::env::var("SLUICE_WASM_PROFILE").as_deref() == Ok("perfmap") {
+            cfg.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&cfg).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -476,8 +481,17 @@ impl PluginInstance {
         self.store.data_mut().log_lines = 0;
     }
 
-    /// Runs `process` on one batch. Any error means the instance must be discarded.
+    /// Runs `process` on one batch of owned records (see [`PluginInstance::process_refs`]).
     pub fn process(&mut self, batch: &[InputRecord]) -> Result<BatchResult, PluginError> {
+        InputRecord::with_refs(batch, |refs| self.process_refs(refs))
+    }
+
+    /// Runs `process` on one batch, lowered straight from the borrowed records into the guest.
+    /// Any error means the instance must be discarded.
+    pub fn process_refs(
+        &mut self,
+        batch: &[InputRecordRef<'_>],
+    ) -> Result<BatchResult, PluginError> {
         self.arm_deadline();
         let Some(bindings) = &self.bindings else {
             return Err(PluginError::Engine(

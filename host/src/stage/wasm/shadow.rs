@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::bindings::{BatchResult, InputRecord};
+use super::bindings::{BatchResult, InputRecordRef};
 use super::runtime::{LoadedPlugin, PluginInstance};
 use crate::plugin_store::PluginRef;
 
@@ -94,7 +94,7 @@ impl ShadowRun {
     /// Adds one call's comparison. `candidate` is `None` when the candidate failed the call.
     pub fn observe(
         &mut self,
-        inputs: &[InputRecord],
+        inputs: &[InputRecordRef<'_>],
         live: &BatchResult,
         live_time: Duration,
         candidate: Option<&BatchResult>,
@@ -132,7 +132,7 @@ impl ShadowRun {
             if r.samples.len() < MAX_SAMPLES {
                 let src = &inputs[i].source;
                 r.samples.push(ShadowSample {
-                    topic: src.topic.clone(),
+                    topic: src.topic.to_string(),
                     partition: src.partition,
                     offset: src.offset,
                     live: describe(l),
