@@ -959,7 +959,12 @@ async fn fault_broker_restart_under_load() -> Result<()> {
             0,
         )
         .await?;
-        let target = w.main_target();
+        let mut target = w.main_target();
+        // The second run with the state changelog: its transactions must survive the
+        // restarts too (a failed publish is retried; nothing of it is visible).
+        if run % 2 == 1 {
+            target.changelog = Some(format!("{}-state", target.group));
+        }
         let config = w.config(&target, 500)?;
         let mut sup = Supervised::start(&w, &config, &format!("b{run}"))?;
         let load = w.start_load(rate)?;

@@ -289,7 +289,11 @@ impl Pipeline {
                     }
                 }
                 m = source.recv() => {
-                    let origin = m?;
+                    let origin = match m {
+                        Ok(o) => o,
+                        Err(SourceError::Rejoin(why)) => break Err(PipelineError::Rejoin(why)),
+                        Err(e) => break Err(e.into()),
+                    };
                     Stats::add(&self.stats.consumed, 1);
                     let pk = PartitionKey { topic: origin.topic.to_string(), partition: origin.partition };
                     if self.changelog.is_some() && !held.contains(&pk.partition) {
@@ -785,16 +789,28 @@ impl Worker {
                         &encoded,
                         &mut journal,
                     )?;
-                    match cl.publish(n, &records) {
-                        Ok(offset) => Some((n, offset)),
-                        Err(
-                            e @ (ChangelogError::Fenced { .. } | ChangelogError::NotOwned { .. }),
-                        ) => {
-                            tracing::warn!(partition = %ctx.partition, first, last,
-                                "{e}; batch abandoned (its partition's new owner consumes it)");
-                            return Ok(None);
+                    // Nothing of the batch is visible until a publish commits, so a failed
+                    // one (broker restarting, transaction timed out) is simply tried again.
+                    let started = Instant::now();
+                    let mut wait = Duration::from_millis(100);
+                    loop {
+                        match cl.publish(n, &records) {
+                            Ok(offset) => break Some((n, offset)),
+                            Err(
+                                e @ (ChangelogError::Fenced { .. }
+                                | ChangelogError::NotOwned { .. }),
+                            ) => {
+                                tracing::warn!(partition = %ctx.partition, first, last,
+                                    "{e}; batch abandoned (its partition's new owner consumes it)");
+                                return Ok(None);
+                            }
+                            Err(e) if started.elapsed() < COMMIT_PATIENCE => {
+                                tracing::warn!(partition = %ctx.partition, first, last, "{e}; retrying");
+                                std::thread::sleep(wait);
+                                wait = (wait * 2).min(Duration::from_secs(10));
+                            }
+                            Err(e) => return Err(e.into()),
                         }
-                        Err(e) => return Err(e.into()),
                     }
                 }
             };

@@ -10,7 +10,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -30,6 +30,9 @@ pub enum SourceError {
     },
     #[error("kafka receive: {0}")]
     Receive(String),
+    /// The consumer must be recreated to rejoin its group.
+    #[error("kafka consumer fenced: {0}")]
+    Rejoin(String),
     #[error("kafka commit of {partition} at offset {offset}: {message}")]
     Commit {
         partition: PartitionKey,
@@ -283,16 +286,21 @@ impl KafkaSource {
                     // Without a pause a persistent error would spin.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                // Seen after a broker restart: the group no longer knows this static member
+                // as it is. A new consumer (a new run) rejoins.
+                Err(
+                    e @ KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::FencedInstanceId),
+                ) => return Err(SourceError::Rejoin(e.to_string())),
                 Err(e) => return Err(SourceError::Receive(e.to_string())),
             }
         }
     }
 
-    /// True at most once per 10 s.
     pub fn ownership(&self) -> Arc<Ownership> {
         self.ownership.clone()
     }
 
+    /// True at most once per 10 s.
     fn warn_now(&self) -> bool {
         let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
