@@ -34,7 +34,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{PartitionJournal, StateError, StateStore};
 use crate::config::{ChangelogConfig, KafkaConfig};
 use crate::source::kafka::{base_client_config, create_topic_if_absent};
-use crate::stage::PartitionKey;
 
 /// Outbox pieces stay well below Kafka's default 1 MB message limit.
 const CHUNK: usize = 512 * 1024;
@@ -164,10 +163,6 @@ impl Changelog {
         })
     }
 
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     fn kafka_err(&self, partition: i32, e: KafkaError) -> ChangelogError {
         let fenced = matches!(
             e.rdkafka_error_code(),
@@ -193,7 +188,10 @@ impl Changelog {
     pub fn restore(&self, store: &StateStore, n: i32) -> Result<Restored, ChangelogError> {
         let started = Instant::now();
         let producer = self.producer_for(n)?;
-        let (low, high) = self.watermarks(n)?;
+        let reader = self.reader()?;
+        let (low, high) = reader
+            .fetch_watermarks(&self.topic, n, Duration::from_secs(10))
+            .map_err(|e| self.kafka_err(n, e))?;
         let pos = store.changelog_position(n)?;
         let mut done = Restored {
             from_offset: low,
@@ -217,7 +215,7 @@ impl Changelog {
                 store.wipe_namespace(n)?;
             }
             if from < high {
-                done.records = self.replay(store, n, from)?;
+                done.records = self.replay(&reader, store, n, from)?;
             } else {
                 store.set_changelog_position(n, from - 1)?;
             }
@@ -243,10 +241,6 @@ impl Changelog {
         }
     }
 
-    pub fn owns(&self, n: i32) -> bool {
-        self.producers.lock().is_ok_and(|m| m.contains_key(&n))
-    }
-
     fn producer_for(&self, n: i32) -> Result<Arc<FutureProducer>, ChangelogError> {
         let mut c = base_client_config(&self.kafka);
         c.set("transactional.id", format!("{}.{n}", self.txn_prefix))
@@ -266,13 +260,6 @@ impl Changelog {
         Ok(Arc::new(producer))
     }
 
-    fn watermarks(&self, n: i32) -> Result<(i64, i64), ChangelogError> {
-        let consumer = self.reader()?;
-        consumer
-            .fetch_watermarks(&self.topic, n, Duration::from_secs(10))
-            .map_err(|e| self.kafka_err(n, e))
-    }
-
     fn reader(&self) -> Result<BaseConsumer, ChangelogError> {
         let mut c = base_client_config(&self.kafka);
         c.set("group.id", format!("{}.restore", self.txn_prefix))
@@ -287,8 +274,13 @@ impl Changelog {
     }
 
     /// Applies changelog partition `n` from offset `from` to its end to the local store.
-    fn replay(&self, store: &StateStore, n: i32, from: i64) -> Result<u64, ChangelogError> {
-        let consumer = self.reader()?;
+    fn replay(
+        &self,
+        consumer: &BaseConsumer,
+        store: &StateStore,
+        n: i32,
+        from: i64,
+    ) -> Result<u64, ChangelogError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, n, Offset::Offset(from))
             .map_err(|e| self.kafka_err(n, e))?;
@@ -601,14 +593,10 @@ pub(super) fn partition_of_stage_key(key: &[u8]) -> Option<i32> {
     Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// The partition number a batch of `pk` writes its state under.
-pub fn namespace(pk: &PartitionKey) -> i32 {
-    pk.partition
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stage::PartitionKey;
 
     #[test]
     fn keys_parse_back() {

@@ -291,30 +291,22 @@ impl StateStore {
     /// Deletes everything kept for partition number `n`: stage state, journal entries and
     /// outboxes of every topic's partition `n`, the changelog position.
     pub fn wipe_namespace(&self, n: i32) -> Result<(), StateError> {
+        // First, so that a wipe interrupted halfway is followed by a full restore again.
         let mut batch = WriteBatch::default();
-        for (cf, kind) in [
-            (CF_STAGE, changelog::Kind::Stage),
-            (CF_JOURNAL, changelog::Kind::Journal),
-            (CF_OUTBOX, changelog::Kind::Outbox),
-        ] {
-            let handle = self.cf(cf)?;
-            let mut it = self.db.raw_iterator_cf(handle);
-            it.seek_to_first();
-            while let Some(k) = it.key() {
-                let part = match kind {
-                    changelog::Kind::Stage => changelog::partition_of_stage_key(k),
-                    _ => changelog::partition_of_pk_key(k),
-                };
-                if part == Some(n) {
-                    batch.delete_cf(handle, k);
-                }
-                it.next();
-                if batch.len() >= 65_536 {
-                    self.write(std::mem::take(&mut batch), false)?;
-                }
+        batch.delete_cf(self.cf(CF_JOURNAL)?, changelog::position_key(n));
+        self.write(std::mem::take(&mut batch), true)?;
+        self.for_each_in_namespace(n, |kind, k, _| {
+            let cf = match kind {
+                changelog::Kind::Stage => CF_STAGE,
+                changelog::Kind::Journal => CF_JOURNAL,
+                changelog::Kind::Outbox => CF_OUTBOX,
+            };
+            batch.delete_cf(self.cf(cf)?, k);
+            if batch.len() >= 65_536 {
+                self.write(std::mem::take(&mut batch), false)?;
             }
-            it.status()?;
-        }
+            Ok(())
+        })?;
         self.write(batch, true)
     }
 
