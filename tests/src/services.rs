@@ -100,6 +100,12 @@ impl BrokerKind {
         }
     }
 
+    /// Whether `read_committed` readers see only committed transactions (the PyPI tansu build
+    /// also shows aborted ones, so what a killed producer left open reappears there).
+    pub fn hides_aborted_transactions(self) -> bool {
+        self != Self::Tansu
+    }
+
     fn script_name(self) -> &'static str {
         match self {
             Self::Noida => "noida",
@@ -557,7 +563,17 @@ fn read_topic(
                 out.len()
             );
         }
-        let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+        let polled = consumer.poll(Duration::from_millis(100));
+        if !behind.is_empty() {
+            // Transactional producers leave commit markers at the end, which are never
+            // delivered: the position tells when they have been passed.
+            let position = consumer.position()?;
+            behind.retain(|p, end| {
+                !matches!(position.find_partition(topic, *p).map(|e| e.offset()),
+                    Some(Offset::Offset(o)) if o >= *end)
+            });
+        }
+        let Some(msg) = polled else {
             continue;
         };
         let msg = msg.with_context(|| format!("consuming {topic}"))?;

@@ -544,24 +544,33 @@ state:
         }
     }
 
-    /// Transactions that must be dead-lettered but are not in the dead-letter topic.
-    async fn missing_dead_letters(&self, model: &Model) -> Result<usize> {
-        if model.dead.is_empty() {
-            return Ok(0);
-        }
+    /// Dead letters checked against the model: (missing, duplicated, unexpected).
+    async fn dead_letter_outcome(&self, model: &Model) -> Result<(usize, usize, usize)> {
         let letters = consume_all(&self.brokers, &self.dlq, Duration::from_secs(60)).await?;
-        let found: BTreeSet<(i32, i64)> = letters
+        let mut found: BTreeSet<(i32, i64)> = BTreeSet::new();
+        let (mut duplicated, mut unexpected) = (0, 0);
+        for l in letters
             .iter()
             .filter(|l| l.header("sluice.source.topic") == Some(self.tx_topic.as_bytes()))
-            .filter_map(|l| {
-                let h = |k: &str| std::str::from_utf8(l.header(k)?).ok()?.parse::<i64>().ok();
-                Some((
-                    h("sluice.source.partition")? as i32,
-                    h("sluice.source.offset")?,
-                ))
-            })
-            .collect();
-        Ok(model.dead.difference(&found).count())
+        {
+            let h = |k: &str| std::str::from_utf8(l.header(k)?).ok()?.parse::<i64>().ok();
+            let (Some(p), Some(o)) = (h("sluice.source.partition"), h("sluice.source.offset"))
+            else {
+                unexpected += 1;
+                continue;
+            };
+            let pos = (p as i32, o);
+            if !model.dead.contains(&pos) {
+                unexpected += 1;
+            } else if !found.insert(pos) {
+                duplicated += 1;
+            }
+        }
+        Ok((
+            model.dead.difference(&found).count(),
+            duplicated,
+            unexpected,
+        ))
     }
 
     /// Compares `table` with the model.
@@ -625,20 +634,23 @@ async fn finish_run(
     problems: &mut Vec<String>,
 ) -> Result<()> {
     let o = w.outcome(model, table).await?;
-    let missing_letters = w.missing_dead_letters(model).await?;
+    let (missing, dup, unexpected) = w.dead_letter_outcome(model).await?;
     say(format!(
-        "{label}: {} rows expected, {} seen, lost {}, duplicated {} (dedup misses {}), wrong {}, \
-         dead letters missing {missing_letters}",
+        "{label}: {} rows expected, {} seen, lost {}, duplicated {} (dedup misses {}), wrong {}; \
+         dead letters missing {missing}, duplicated {dup}, unexpected {unexpected}",
         o.expected, o.seen, o.lost, o.duplicated, o.dedup_misses, o.wrong
     ));
     for e in o.examples.iter().take(6) {
         say(format!("  {e}"));
     }
-    if missing_letters > 0 {
-        problems.push(format!("{label}: {missing_letters} dead letters missing"));
+    let letters_ok = missing == 0 && dup == 0 && unexpected == 0;
+    if !letters_ok {
+        problems.push(format!(
+            "{label}: dead letters missing {missing}, duplicated {dup}, unexpected {unexpected}"
+        ));
     }
     total.add(&o);
-    if !o.clean() || missing_letters > 0 {
+    if !o.clean() || !letters_ok {
         let dir = w.keep();
         say(format!("{label}: logs and state kept in {}", dir.display()));
     }

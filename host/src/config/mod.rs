@@ -431,9 +431,24 @@ impl LoadedConfig {
 
     /// The consumer's `group.instance.id` (see [`KafkaConfig::instance_id`]).
     pub fn instance_id(&self) -> String {
-        if let Some(id) = &self.pipeline.kafka.instance_id {
-            return id.clone();
+        match &self.pipeline.kafka.instance_id {
+            Some(id) => id.clone(),
+            None => self.derived_instance_id(),
         }
+    }
+
+    /// Names this instance among those of the pipeline even when static membership is off
+    /// (`instance_id: ""`): what its transactional producers are registered as.
+    pub fn instance_identity(&self) -> String {
+        match self.instance_id() {
+            id if id.is_empty() => self.derived_instance_id(),
+            id => id,
+        }
+    }
+
+    /// Pipeline name + a hash of host name and state directory: stable across restarts,
+    /// distinct for every instance with its own state.
+    fn derived_instance_id(&self) -> String {
         use sha2::{Digest, Sha256};
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())

@@ -1,9 +1,12 @@
 //! The dead-letter topic: records that could not be processed, with the original key, value
 //! and headers plus `sluice.*` headers saying which stage rejected them and why.
 //!
-//! Dead letters are produced (and acknowledged by the broker) before the batch's offsets are
-//! committed, so a record is never lost; after a crash a replayed batch may produce the same
-//! dead letter twice (at-least-once): the `sluice.source.*` headers identify duplicates.
+//! Dead letters are exactly-once for `read_committed` readers: a pipeline produces them inside
+//! a Kafka transaction, either the batch's state-changelog transaction (when the pipeline has
+//! a changelog) or one that also commits the batch's offsets to the consumer group
+//! ([`DeadLetterQueue::send_with_offsets`]). A crash before that transaction commits leaves
+//! nothing visible, and the replayed batch produces its dead letters again; once it commits,
+//! the batch is not replayed. The `sluice.source.*` headers say where each record came from.
 
 pub mod tools;
 
@@ -11,10 +14,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header as KHeader, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
+use rdkafka::TopicPartitionList;
 
 use crate::config::KafkaConfig;
 use crate::record::DeadLetter;
@@ -45,7 +51,20 @@ pub enum DlqError {
         offset: i64,
         message: String,
     },
+    /// The dead-letter transaction failed; nothing of it is visible. `group_changed`: the
+    /// consumer group refused the offsets (a rebalance), so the consumer must rejoin first.
+    #[error("dead-letter topic {topic}: transaction failed: {message}")]
+    Transaction {
+        topic: String,
+        message: String,
+        group_changed: bool,
+        /// The producer was fenced by another one with the same `transactional.id`.
+        fatal: bool,
+    },
 }
+
+/// Transactions of the dead-letter producer: as long as any batch may take.
+const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct DeadLetterQueue {
     producer: FutureProducer,
@@ -54,13 +73,47 @@ pub struct DeadLetterQueue {
 }
 
 impl DeadLetterQueue {
+    /// A producer for [`DeadLetterQueue::send_all`] (at-least-once: tools that keep their own
+    /// progress).
     pub fn connect(cfg: &KafkaConfig, topic: &str, pipeline: &str) -> Result<Self, DlqError> {
+        Self::with_producer(cfg, topic, pipeline, None)
+    }
+
+    /// A transactional producer for [`DeadLetterQueue::send_with_offsets`]. `transactional_id`
+    /// must be stable across restarts of this instance: registering it aborts what a crashed
+    /// predecessor left open. Blocking.
+    pub fn connect_transactional(
+        cfg: &KafkaConfig,
+        topic: &str,
+        pipeline: &str,
+        transactional_id: &str,
+    ) -> Result<Self, DlqError> {
+        Self::with_producer(cfg, topic, pipeline, Some(transactional_id))
+    }
+
+    fn with_producer(
+        cfg: &KafkaConfig,
+        topic: &str,
+        pipeline: &str,
+        transactional_id: Option<&str>,
+    ) -> Result<Self, DlqError> {
         let mut c = base_client_config(cfg);
         c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "60000");
+        if let Some(id) = transactional_id {
+            c.set("transactional.id", id).set(
+                "transaction.timeout.ms",
+                TXN_TIMEOUT.as_millis().to_string(),
+            );
+        }
         let producer: FutureProducer = c.create().map_err(|e| DlqError::Create(e.to_string()))?;
+        if transactional_id.is_some() {
+            producer
+                .init_transactions(Timeout::After(TXN_TIMEOUT))
+                .map_err(|e| DlqError::Create(format!("init_transactions: {e}")))?;
+        }
         Ok(Self {
             producer,
             topic: topic.to_string(),
@@ -97,53 +150,64 @@ impl DeadLetterQueue {
         }
     }
 
-    /// Sends every dead letter and waits until the broker acknowledged all of them.
-    pub async fn send_all(&self, letters: &[DeadLetter]) -> Result<(), DlqError> {
-        let now_ms = SystemTime::now()
+    /// The Kafka record of a dead letter: the original key, value, timestamp and headers, plus
+    /// the `sluice.*` headers.
+    fn record<'a>(&'a self, l: &'a DeadLetter, at: &str) -> FutureRecord<'a, [u8], [u8]> {
+        let o = &l.origin;
+        let partition = o.partition.to_string();
+        let offset = o.offset.to_string();
+        let ts = o.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
+        let mut headers = OwnedHeaders::new_with_capacity(o.headers.len() + 10);
+        for h in &o.headers {
+            headers = headers.insert(KHeader {
+                key: &h.key,
+                value: Some(h.value.as_ref()),
+            });
+        }
+        let plugin = l.plugin.as_deref().unwrap_or("");
+        for (k, v) in [
+            (H_PIPELINE, self.pipeline.as_str()),
+            (H_STAGE, l.stage.as_str()),
+            (H_PLUGIN, plugin),
+            (H_KIND, l.kind.as_str()),
+            (H_MESSAGE, l.message.as_str()),
+            (H_TOPIC, &*o.topic),
+            (H_PARTITION, partition.as_str()),
+            (H_OFFSET, offset.as_str()),
+            (H_TIMESTAMP, ts.as_str()),
+            (H_AT, at),
+        ] {
+            headers = headers.insert(KHeader {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
+            .payload(o.value.as_ref())
+            .headers(headers);
+        if let Some(k) = &o.key {
+            rec = rec.key(k.as_ref());
+        }
+        if let Some(t) = o.timestamp_ms {
+            rec = rec.timestamp(t);
+        }
+        rec
+    }
+
+    fn now_ms() -> String {
+        SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Sends every dead letter and waits until the broker acknowledged all of them.
+    pub async fn send_all(&self, letters: &[DeadLetter]) -> Result<(), DlqError> {
+        let at = Self::now_ms();
         let mut pending = Vec::with_capacity(letters.len());
         for l in letters {
-            let o = &l.origin;
-            let partition = o.partition.to_string();
-            let offset = o.offset.to_string();
-            let ts = o.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
-            let at = now_ms.to_string();
-            let mut headers = OwnedHeaders::new_with_capacity(o.headers.len() + 10);
-            for h in &o.headers {
-                headers = headers.insert(KHeader {
-                    key: &h.key,
-                    value: Some(h.value.as_ref()),
-                });
-            }
-            let plugin = l.plugin.as_deref().unwrap_or("");
-            for (k, v) in [
-                (H_PIPELINE, self.pipeline.as_str()),
-                (H_STAGE, l.stage.as_str()),
-                (H_PLUGIN, plugin),
-                (H_KIND, l.kind.as_str()),
-                (H_MESSAGE, l.message.as_str()),
-                (H_TOPIC, &*o.topic),
-                (H_PARTITION, partition.as_str()),
-                (H_OFFSET, offset.as_str()),
-                (H_TIMESTAMP, ts.as_str()),
-                (H_AT, at.as_str()),
-            ] {
-                headers = headers.insert(KHeader {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
-                .payload(o.value.as_ref())
-                .headers(headers);
-            if let Some(k) = &o.key {
-                rec = rec.key(k.as_ref());
-            }
-            if let Some(t) = o.timestamp_ms {
-                rec = rec.timestamp(t);
-            }
+            let mut rec = self.record(l, &at);
             // `send_result` enqueues at once (the async `send` would not start until awaited),
             // so all dead letters of a batch are in flight together.
             let fut = loop {
@@ -166,5 +230,84 @@ impl DeadLetterQueue {
             }
         }
         Ok(())
+    }
+
+    /// Enqueues the dead letters on `producer`, which has a transaction open: they become
+    /// visible when (and only if) that transaction commits, and its commit fails if any of
+    /// them was not delivered. Blocking.
+    pub fn enqueue(
+        &self,
+        producer: &FutureProducer,
+        letters: &[DeadLetter],
+    ) -> Result<(), DlqError> {
+        let at = Self::now_ms();
+        for l in letters {
+            let mut rec = self.record(l, &at);
+            loop {
+                match producer.send_result(rec) {
+                    Ok(_) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        rec = r;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => return Err(self.deliver_err(l, e.to_string())),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction: the dead letters plus the consumer group's offsets (the batch's
+    /// commit), so they become visible together or not at all. Needs a producer from
+    /// [`DeadLetterQueue::connect_transactional`]. Blocking.
+    pub fn send_with_offsets(
+        &self,
+        letters: &[DeadLetter],
+        offsets: &TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+    ) -> Result<(), DlqError> {
+        let p = &self.producer;
+        let result = p
+            .begin_transaction()
+            .map_err(|e| self.txn_err(e))
+            .and_then(|()| self.enqueue(p, letters))
+            .and_then(|()| {
+                p.send_offsets_to_transaction(offsets, group, Timeout::After(TXN_TIMEOUT))
+                    .map_err(|e| self.txn_err(e))
+            })
+            .and_then(|()| {
+                p.commit_transaction(Timeout::After(TXN_TIMEOUT))
+                    .map_err(|e| self.txn_err(e))
+            });
+        if let Err(e) = &result {
+            if !matches!(e, DlqError::Transaction { fatal: true, .. }) {
+                // Whatever was enqueued is discarded; the next batch starts a fresh one.
+                let _ = p.abort_transaction(Timeout::After(Duration::from_secs(10)));
+            }
+        }
+        result
+    }
+
+    fn txn_err(&self, e: KafkaError) -> DlqError {
+        use RDKafkaErrorCode as C;
+        let code = e.rdkafka_error_code();
+        let fatal = match &e {
+            KafkaError::Transaction(t) => t.is_fatal(),
+            _ => false,
+        } || matches!(code, Some(C::ProducerFenced | C::InvalidProducerEpoch));
+        DlqError::Transaction {
+            topic: self.topic.clone(),
+            message: e.to_string(),
+            group_changed: matches!(
+                code,
+                Some(
+                    C::IllegalGeneration
+                        | C::UnknownMemberId
+                        | C::RebalanceInProgress
+                        | C::FencedInstanceId
+                )
+            ),
+            fatal,
+        }
     }
 }

@@ -136,6 +136,13 @@ pub fn read_with_ends(
             break;
         }
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            // Commit markers of the pipeline's transactions are never delivered: the
+            // position says when a partition's end has been passed.
+            let position = consumer.position().map_err(|e| kafka_err(topic, e))?;
+            ends.retain(|p, end| {
+                !matches!(position.find_partition(topic, *p).map(|e| e.offset()),
+                    Some(Offset::Offset(o)) if o >= *end)
+            });
             continue;
         };
         let m = m.map_err(|e| kafka_err(topic, e))?;

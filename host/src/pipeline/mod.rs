@@ -6,8 +6,9 @@
 //! 2. in ONE synced RocksDB write: the stage-state changes, the batch's offset range (journal)
 //!    and its encoded output (outbox);
 //! 3. rows are inserted with a token derived from the offset range;
-//! 4. dead letters are produced and acknowledged;
-//! 5. `first..=last` is committed to the consumer group;
+//! 4. dead letters are produced and 5. `first..=last` is committed to the consumer group, in
+//!    one Kafka transaction (with a state changelog, the dead letters were already produced in
+//!    the batch's changelog transaction, before 2);
 //! 6. the journal entry is closed and the outbox dropped.
 //!
 //! A crash before 2 loses nothing: no state changed, nothing was sent, the batch is consumed
@@ -726,6 +727,7 @@ impl Worker {
             .filter_map(|r| r.origin.timestamp_ms)
             .collect();
         let changelog = self.changelog.clone();
+        let dlq = self.dlq.clone();
         let outbox = Self::blocking(move || {
             let mut stages = stages
                 .lock()
@@ -776,12 +778,20 @@ impl Worker {
                 last,
                 plugins: Self::plugin_refs(&mut stages),
             });
-            // With a changelog, the batch is published there first: once that commits, a new
-            // owner of the partition re-sends this very batch; if it fails because another
-            // instance took the partition over, nothing of the batch has left the process.
+            // With a changelog, the batch is published there first (with its dead letters):
+            // once that commits, a new owner of the partition re-sends this very batch; if it
+            // fails because another instance took the partition over, nothing of the batch
+            // has left the process.
             let position = match &changelog {
                 None => None,
                 Some(cl) => {
+                    let letters = &outbox.dead_letters;
+                    let also = |p: &rdkafka::producer::FutureProducer| {
+                        if letters.is_empty() {
+                            return Ok(());
+                        }
+                        dlq.enqueue(p, letters).map_err(|e| e.to_string())
+                    };
                     let n = ctx.partition.partition;
                     let records = Changelog::batch_records(
                         &StateStore::partition_key(&ctx.partition),
@@ -794,7 +804,7 @@ impl Worker {
                     let started = Instant::now();
                     let mut wait = Duration::from_millis(100);
                     loop {
-                        match cl.publish(n, &records) {
+                        match cl.publish(n, &records, &also) {
                             Ok(offset) => break Some((n, offset)),
                             Err(
                                 e @ (ChangelogError::Fenced { .. }
@@ -823,6 +833,46 @@ impl Worker {
         };
         fault::point(fault::AFTER_BEGIN);
         self.deliver(&pk, first, last, outbox, timestamps).await
+    }
+
+    /// The batch's commit as one transaction with its dead letters (no changelog): both
+    /// become visible together, so a replay after a crash never produces them twice.
+    async fn commit_with_dead_letters(
+        &self,
+        pk: &PartitionKey,
+        last: i64,
+        letters: Arc<Vec<DeadLetter>>,
+    ) -> Result<(), SourceError> {
+        let dlq = self.dlq.clone();
+        let committer = self.committer.clone();
+        let key = pk.clone();
+        let commit_err = |message: String, group_changed: bool| SourceError::Commit {
+            partition: pk.clone(),
+            offset: last + 1,
+            message,
+            group_changed,
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            let group = committer
+                .group_metadata()
+                .ok_or_else(|| (String::from("the consumer has no group metadata"), false))?;
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition_offset(&key.topic, key.partition, rdkafka::Offset::Offset(last + 1))
+                .map_err(|e| (e.to_string(), false))?;
+            dlq.send_with_offsets(&letters, &tpl, &group)
+                .map_err(|e| match e {
+                    DlqError::Transaction {
+                        group_changed,
+                        fatal,
+                        message,
+                        ..
+                    } => (message, group_changed || fatal),
+                    e => (e.to_string(), false),
+                })
+        })
+        .await
+        .map_err(|e| commit_err(e.to_string(), false))?;
+        result.map_err(|(m, changed)| commit_err(format!("dead letters + offsets: {m}"), changed))
     }
 
     /// Steps 3 to 6, for a fresh batch or one recovered from the journal.
@@ -872,19 +922,11 @@ impl Worker {
         }
         fault::point(fault::AFTER_INSERT);
 
+        // Dead letters are exactly-once: with a changelog they went out in the batch's
+        // changelog transaction already; without one they are committed together with the
+        // batch's offsets.
         let dead_letters = outbox.dead_letters;
         if !dead_letters.is_empty() {
-            let mut backoff = Backoff::new();
-            loop {
-                match self.dlq.send_all(&dead_letters).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(partition = %pk, "{e}; retrying");
-                        backoff.wait().await;
-                    }
-                }
-            }
-            Stats::add(&self.stats.dead_letters, dead_letters.len() as u64);
             let mut by: HashMap<(&str, &str), u64> = HashMap::new();
             for d in &dead_letters {
                 *by.entry((d.stage.as_str(), d.kind.as_str())).or_default() += 1;
@@ -896,6 +938,9 @@ impl Worker {
                     .inc_by(n);
             }
         }
+        let n_dead = dead_letters.len() as u64;
+        let with_offsets = (self.changelog.is_none() && !dead_letters.is_empty())
+            .then_some(Arc::new(dead_letters));
         fault::point(fault::AFTER_DEAD_LETTERS);
 
         // The batch stays in the journal until the commit succeeds, so waiting is safe; a
@@ -904,7 +949,14 @@ impl Worker {
         let mut backoff = Backoff::new();
         let started = Instant::now();
         loop {
-            match self.committer.commit(pk, last + 1).await {
+            let result = match &with_offsets {
+                None => self.committer.commit(pk, last + 1).await,
+                Some(letters) => {
+                    self.commit_with_dead_letters(pk, last, letters.clone())
+                        .await
+                }
+            };
+            match result {
                 Ok(()) => break,
                 // The consumer must rejoin the group before any commit can succeed, and it
                 // cannot while this worker holds up the loop: end the run. The supervisor
@@ -933,6 +985,7 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             }
         }
+        Stats::add(&self.stats.dead_letters, n_dead);
         fault::point(fault::AFTER_COMMIT);
         let state = self.state.clone();
         let key = pk.clone();

@@ -340,6 +340,11 @@ pub struct Committer {
 }
 
 impl Committer {
+    /// What a transactional producer needs to commit offsets for this consumer's group.
+    pub fn group_metadata(&self) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+        self.consumer.group_metadata()
+    }
+
     pub async fn commit(&self, pk: &PartitionKey, next_offset: i64) -> Result<(), SourceError> {
         let consumer = self.consumer.clone();
         let key = pk.clone();

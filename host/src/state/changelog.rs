@@ -371,7 +371,7 @@ impl Changelog {
         }
         let count = fixed.len() as u64;
         if count > 0 {
-            let last = self.send(producer, n, &fixed)?;
+            let last = self.send(producer, n, &fixed, &|_| Ok(()))?;
             store.set_changelog_position(n, last)?;
             tracing::info!(
                 partition = n,
@@ -406,15 +406,21 @@ impl Changelog {
     }
 
     /// Writes one batch's records to changelog partition `n` in one transaction; returns the
-    /// offset of the last one. Blocking.
-    pub fn publish(&self, n: i32, records: &[ChangelogRecord]) -> Result<i64, ChangelogError> {
+    /// offset of the last one. `also` enqueues more records (to other topics: the batch's dead
+    /// letters) in the same transaction. Blocking.
+    pub fn publish(
+        &self,
+        n: i32,
+        records: &[ChangelogRecord],
+        also: &dyn Fn(&FutureProducer) -> Result<(), String>,
+    ) -> Result<i64, ChangelogError> {
         let producer = self
             .producers
             .lock()
             .ok()
             .and_then(|m| m.get(&n).cloned())
             .ok_or(ChangelogError::NotOwned { partition: n })?;
-        self.send(&producer, n, records)
+        self.send(&producer, n, records, also)
     }
 
     fn send(
@@ -422,11 +428,17 @@ impl Changelog {
         producer: &FutureProducer,
         n: i32,
         records: &[ChangelogRecord],
+        also: &dyn Fn(&FutureProducer) -> Result<(), String>,
     ) -> Result<i64, ChangelogError> {
         producer
             .begin_transaction()
             .map_err(|e| self.kafka_err(n, e))?;
-        let result = self.send_in_txn(producer, n, records);
+        let result = also(producer)
+            .map_err(|message| ChangelogError::Kafka {
+                partition: n,
+                message,
+            })
+            .and_then(|()| self.send_in_txn(producer, n, records));
         if result.is_err() {
             // A fenced producer cannot abort; anything else leaves nothing visible either way.
             let _ = producer.abort_transaction(Timeout::After(Duration::from_secs(10)));
