@@ -258,6 +258,84 @@ impl OutputShape {
         }
     }
 
+    /// The left record's JSON with `right` merged in as [`OutputShape::merge`] does. `left` is
+    /// the text `left_obj` was parsed from: the right side's fields are appended to it as text
+    /// (no tree of the left record is cloned or serialised again) unless one of them is already
+    /// a field of the left record, which merge replaces.
+    pub fn merged_json(
+        &self,
+        left: &[u8],
+        left_obj: &serde_json::Map<String, Value>,
+        right: Option<&Value>,
+    ) -> Result<Vec<u8>, String> {
+        if let Some(text) = self.append_text(left, left_obj, right)? {
+            return Ok(text);
+        }
+        let mut obj = left_obj.clone();
+        self.merge(&mut obj, right)?;
+        serde_json::to_vec(&Value::Object(obj))
+            .map_err(|e| format!("cannot encode the joined record: {e}"))
+    }
+
+    /// `Ok(None)`: a merged field collides with one of the left record (or the text does not
+    /// end in `}`), so the caller merges trees instead.
+    fn append_text(
+        &self,
+        left: &[u8],
+        left_obj: &serde_json::Map<String, Value>,
+        right: Option<&Value>,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let mut fields: Vec<(String, &Value)> = Vec::new();
+        match self {
+            Self::Nest(field) => fields.push((field.clone(), right.unwrap_or(&Value::Null))),
+            Self::Prefix {
+                prefix,
+                fields: only,
+            } => match (right, only) {
+                (Some(Value::Object(r)), None) => {
+                    fields.extend(r.iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+                }
+                (Some(Value::Object(r)), Some(only)) => fields.extend(
+                    only.iter()
+                        .map(|f| (format!("{prefix}{f}"), r.get(f).unwrap_or(&Value::Null))),
+                ),
+                (Some(_), _) => {
+                    return Err("the right record is not a JSON object (needed by `prefix`)".into())
+                }
+                (None, Some(only)) => {
+                    fields.extend(only.iter().map(|f| (format!("{prefix}{f}"), &Value::Null)));
+                }
+                (None, None) => {}
+            },
+        }
+        let end = left
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .filter(|i| left[*i] == b'}');
+        let Some(end) = end else {
+            return Ok(None);
+        };
+        for (i, (name, _)) in fields.iter().enumerate() {
+            if left_obj.contains_key(name) || fields[..i].iter().any(|(n, _)| n == name) {
+                return Ok(None);
+            }
+        }
+        let mut out = Vec::with_capacity(left.len() + 32 * fields.len());
+        out.extend_from_slice(&left[..end]);
+        let mut first = left_obj.is_empty();
+        for (name, v) in fields {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            serde_json::to_writer(&mut out, &name).map_err(|e| e.to_string())?;
+            out.push(b':');
+            serde_json::to_writer(&mut out, v).map_err(|e| e.to_string())?;
+        }
+        out.push(b'}');
+        Ok(Some(out))
+    }
+
     /// Adds `right` (or its absence) to the left JSON object.
     pub fn merge(
         &self,
@@ -1095,5 +1173,45 @@ mod tests {
             assert!(calls < 100);
         }
         assert_eq!(seen, (0..5_000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn merged_json_equals_the_tree_merge() {
+        let shapes = [
+            OutputShape::from_parts(Some("user"), None, None).unwrap(),
+            OutputShape::from_parts(None, Some("user_"), None).unwrap(),
+            OutputShape::from_parts(None, Some("u_"), Some(&["name".into(), "x".into()])).unwrap(),
+            // Collides with the left record's `id`: the tree merge replaces it.
+            OutputShape::from_parts(None, Some(""), None).unwrap(),
+        ];
+        let lefts: [&[u8]; 4] = [
+            br#"{"id":"a\"b","n":1.50,"ts":3}"#,
+            b"{}",
+            b" { \"id\" : 2 }  \n",
+            br#"{"id":"x","user_name":"left's own"}"#,
+        ];
+        let rights = [
+            Some(json!({"id": 7, "name": "Ann \u{1F600}", "deep": {"a": [1, 2]}})),
+            Some(json!({})),
+            None,
+        ];
+        for shape in &shapes {
+            for left in lefts {
+                let Value::Object(obj) = serde_json::from_slice::<Value>(left).unwrap() else {
+                    panic!()
+                };
+                for right in &rights {
+                    let text = shape.merged_json(left, &obj, right.as_ref()).unwrap();
+                    let mut tree = obj.clone();
+                    shape.merge(&mut tree, right.as_ref()).unwrap();
+                    let got: Value = serde_json::from_slice(&text).unwrap();
+                    assert_eq!(got, Value::Object(tree), "{shape:?} {left:?} {right:?}");
+                }
+            }
+        }
+        let not_object = json!([1]);
+        assert!(shapes[1]
+            .merged_json(b"{}", &serde_json::Map::new(), Some(&not_object))
+            .is_err());
     }
 }

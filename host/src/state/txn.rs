@@ -1,9 +1,10 @@
 //! Stage state changes of one batch, kept in memory until the engine writes them together with
 //! the batch's journal entry and outbox (see the module docs of `state`).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use rocksdb::{ColumnFamily, WriteBatch};
+use rocksdb::{ColumnFamily, DBRawIteratorWithThreadMode, WriteBatch, DB};
 
 use super::{Entries, StateError, StateStore};
 
@@ -15,6 +16,9 @@ pub struct StateTxn<'s> {
     store: &'s StateStore,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     hooks: Vec<CommitHook>,
+    /// One iterator over committed stage state for all range reads of the batch: creating one
+    /// per read cost a join ~1 µs per record. Committed state does not change during a batch.
+    reader: RefCell<Option<DBRawIteratorWithThreadMode<'s, DB>>>,
 }
 
 impl<'s> StateTxn<'s> {
@@ -23,7 +27,28 @@ impl<'s> StateTxn<'s> {
             store,
             overlay: BTreeMap::new(),
             hooks: Vec::new(),
+            reader: RefCell::new(None),
         }
+    }
+
+    /// Committed entries with full keys in `[start, end)`, in key order.
+    fn committed_range(&self, start: &[u8], end: &[u8]) -> Result<Entries, StateError> {
+        let mut reader = self.reader.borrow_mut();
+        let it = match reader.as_mut() {
+            Some(it) => it,
+            None => reader.insert(self.store.stage_reader()?),
+        };
+        let mut out = Vec::new();
+        it.seek(start);
+        while let Some((k, v)) = it.item() {
+            if k >= end {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
     }
 
     /// Runs `f` after this transaction's synced write succeeded, never if it is dropped: how a
@@ -166,8 +191,7 @@ impl StageState<'_, '_> {
         let (s, e) = (self.full(start), self.full(end));
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
             .txn
-            .store
-            .stage_range(&s, &e)?
+            .committed_range(&s, &e)?
             .into_iter()
             .map(|(k, v)| (k, Some(v)))
             .collect();

@@ -261,12 +261,13 @@ impl IntervalJoinStage {
         left_value: &Value,
         right: Option<&Value>,
     ) -> Result<Record, Reject> {
-        let Value::Object(mut obj) = left_value.clone() else {
+        let Value::Object(obj) = left_value else {
             return Err(Reject::schema("value is not a JSON object"));
         };
-        self.shape.merge(&mut obj, right).map_err(Reject::schema)?;
-        let value = serde_json::to_vec(&Value::Object(obj))
-            .map_err(|e| Reject::schema(format!("cannot encode the joined record: {e}")))?;
+        let value = self
+            .shape
+            .merged_json(&left.value, obj, right)
+            .map_err(Reject::schema)?;
         Ok(Record {
             origin: left.origin.clone(),
             key: left.key.clone(),

@@ -81,7 +81,7 @@ impl LookupJoinStage {
     fn enrich(
         &self,
         r: &Record,
-        mut obj: Map<String, Value>,
+        obj: Map<String, Value>,
         row_key: &[u8],
         row: Option<&Value>,
     ) -> Result<Option<Record>, Reject> {
@@ -101,9 +101,10 @@ impl LookupJoinStage {
                 }
             }
         }
-        self.shape.merge(&mut obj, row).map_err(Reject::schema)?;
-        let value =
-            serde_json::to_vec(&Value::Object(obj)).map_err(|e| Reject::schema(e.to_string()))?;
+        let value = self
+            .shape
+            .merged_json(&r.value, &obj, row)
+            .map_err(Reject::schema)?;
         Ok(Some(Record {
             value: Bytes::from(value),
             ..r.clone()
