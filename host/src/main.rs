@@ -367,23 +367,20 @@ async fn build_pipeline(
     check_columns(&cfg, &sink)?;
     let state = StateStore::open_with(&cfg.state_dir(), cfg.pipeline.state.memory())?;
     DeadLetterQueue::ensure_topic(&p.kafka, &p.dead_letter.topic).await?;
-    // Without a changelog the dead letters are committed in one transaction with the offsets
-    // (with one they ride in the changelog's transaction).
-    let dlq = if p.state.changelog.is_some() {
-        DeadLetterQueue::connect(&p.kafka, &p.dead_letter.topic, &p.name)?
-    } else {
-        let id = format!(
-            "sluice.{}.{}.{}",
-            p.kafka.group_id,
-            p.dead_letter.topic,
-            cfg.instance_identity()
-        );
-        let (kafka, topic, name) = (p.kafka.clone(), p.dead_letter.topic.clone(), p.name.clone());
-        tokio::task::spawn_blocking(move || {
-            DeadLetterQueue::connect_transactional(&kafka, &topic, &name, &id)
-        })
-        .await??
-    };
+    // Dead letters are committed in one transaction with the batch's offsets (with a
+    // changelog, in the changelog's transaction; this producer then only serves batches
+    // journaled before the changelog was configured).
+    let id = format!(
+        "sluice.{}.{}.{}",
+        p.kafka.group_id,
+        p.dead_letter.topic,
+        cfg.instance_identity()
+    );
+    let (kafka, topic, name) = (p.kafka.clone(), p.dead_letter.topic.clone(), p.name.clone());
+    let dlq = tokio::task::spawn_blocking(move || {
+        DeadLetterQueue::connect_transactional(&kafka, &topic, &name, &id)
+    })
+    .await??;
     let mut pipeline = Pipeline::new(cfg.clone(), sink, dlq, state);
     if let Some(c) = &p.state.changelog {
         let mut topics = p.kafka.topics.clone();

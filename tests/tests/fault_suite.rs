@@ -92,6 +92,8 @@ struct Target {
     instance_id: Option<String>,
     /// The state changelog topic (state hand-off between instances), if any.
     changelog: Option<String>,
+    /// A dead-letter topic of its own (default: the workload's, which the checks read).
+    dlq: Option<String>,
 }
 
 struct Workload {
@@ -219,6 +221,7 @@ impl Workload {
             state: "state".into(),
             instance_id: None,
             changelog: None,
+            dlq: None,
         }
     }
 
@@ -290,7 +293,7 @@ state:
                 users = self.users_topic,
                 url = self.ch_url,
                 table = t.table,
-                dlq = self.dlq,
+                dlq = t.dlq.as_ref().unwrap_or(&self.dlq),
                 state = self.dir.path().join(&t.state).display(),
             ),
         )?;
@@ -1255,6 +1258,8 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
             state: "state-single".into(),
             instance_id: None,
             changelog: None,
+            // Its dead letters must not mix with the checked instances'.
+            dlq: Some(unique_name("fsingle_dlq")),
         };
         w.create_table(&single.table).await?;
         let mut s = SluiceProcess::run(&w.config(&single, 100)?, &w.log("single"))?;

@@ -51,6 +51,7 @@ fn write_batch(
         first,
         last,
         plugins: vec!["enrich=enrich@1".into()],
+        ..Default::default()
     });
     let records = Changelog::batch_records(
         &StateStore::partition_key(pk),
@@ -133,7 +134,8 @@ async fn changelog_hands_state_over_fences_the_old_owner_and_catches_up() -> Res
             == Some(PendingBatch {
                 first: 10,
                 last: 19,
-                plugins: vec!["enrich=enrich@1".into()]
+                plugins: vec!["enrich=enrich@1".into()],
+                ..Default::default()
             }),
         "the batch in flight did not move: {j:?}"
     );

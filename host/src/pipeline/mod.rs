@@ -103,6 +103,8 @@ enum WorkItem {
         first: i64,
         last: i64,
         outbox: Outbox,
+        /// Its dead letters went out with its changelog transaction.
+        dead_letters_sent: bool,
         epoch: Option<u64>,
     },
     /// Partition numbers gained (restore their state from the changelog first) and lost.
@@ -328,7 +330,7 @@ impl Pipeline {
                                     tracing::info!(partition = %pk, first = pending.first, last = pending.last,
                                         "re-sending batch from the journal");
                                     Stats::add(&self.stats.recovered_batches, 1);
-                                    let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox, epoch: ownership.epoch_of(&pk) };
+                                    let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox, dead_letters_sent: pending.dead_letters_sent, epoch: ownership.epoch_of(&pk) };
                                     if tx.send(item).await.is_err() {
                                         worker_done = true;
                                         break Err(worker_exit((&mut worker_task).await));
@@ -533,10 +535,12 @@ impl Worker {
                     first,
                     last,
                     outbox,
+                    dead_letters_sent,
                     epoch,
                 } => {
                     if self.still_owned(&partition, epoch) {
-                        self.deliver(&partition, first, last, outbox, Vec::new())
+                        let sent = dead_letters_sent;
+                        self.deliver(&partition, first, last, outbox, sent, Vec::new())
                             .await?
                     }
                 }
@@ -777,6 +781,7 @@ impl Worker {
                 first,
                 last,
                 plugins: Self::plugin_refs(&mut stages),
+                dead_letters_sent: changelog.is_some(),
             });
             // With a changelog, the batch is published there first (with its dead letters):
             // once that commits, a new owner of the partition re-sends this very batch; if it
@@ -832,7 +837,9 @@ impl Worker {
             return Ok(());
         };
         fault::point(fault::AFTER_BEGIN);
-        self.deliver(&pk, first, last, outbox, timestamps).await
+        let sent = self.changelog.is_some();
+        self.deliver(&pk, first, last, outbox, sent, timestamps)
+            .await
     }
 
     /// The batch's commit as one transaction with its dead letters (no changelog): both
@@ -882,6 +889,7 @@ impl Worker {
         first: i64,
         last: i64,
         outbox: Outbox,
+        dead_letters_sent: bool,
         timestamps: Vec<i64>,
     ) -> Result<(), PipelineError> {
         let p = self.pipeline.as_str();
@@ -923,7 +931,7 @@ impl Worker {
         fault::point(fault::AFTER_INSERT);
 
         // Dead letters are exactly-once: with a changelog they went out in the batch's
-        // changelog transaction already; without one they are committed together with the
+        // changelog transaction already; otherwise they are committed together with the
         // batch's offsets.
         let dead_letters = outbox.dead_letters;
         if !dead_letters.is_empty() {
@@ -939,8 +947,8 @@ impl Worker {
             }
         }
         let n_dead = dead_letters.len() as u64;
-        let with_offsets = (self.changelog.is_none() && !dead_letters.is_empty())
-            .then_some(Arc::new(dead_letters));
+        let with_offsets =
+            (!dead_letters_sent && !dead_letters.is_empty()).then_some(Arc::new(dead_letters));
         fault::point(fault::AFTER_DEAD_LETTERS);
 
         // The batch stays in the journal until the commit succeeds, so waiting is safe; a

@@ -630,6 +630,7 @@ mod tests {
                 first: 0,
                 last: 9,
                 plugins: vec![],
+                ..Default::default()
             }),
             ..PartitionJournal::default()
         };
@@ -641,6 +642,7 @@ mod tests {
             first: 10,
             last: 19,
             plugins: vec![],
+            ..Default::default()
         });
         let second =
             Changelog::batch_records(&pk, std::iter::empty(), b"small", &mut j).expect("records");

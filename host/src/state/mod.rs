@@ -51,7 +51,7 @@ impl From<rocksdb::Error> for StateError {
 }
 
 /// A batch whose boundaries are fixed: it may or may not have reached ClickHouse.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingBatch {
     pub first: i64,
     pub last: i64,
@@ -59,6 +59,10 @@ pub struct PendingBatch {
     /// themselves are in the outbox, so a re-send never depends on these being loadable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<String>,
+    /// Its dead letters went out in its state-changelog transaction: a re-send must not
+    /// produce them again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dead_letters_sent: bool,
 }
 
 /// What the journal knows about one source partition.
@@ -231,6 +235,7 @@ impl StateStore {
             first,
             last,
             plugins: Vec::new(),
+            ..Default::default()
         });
         self.begin_batch_with(pk, &j, txn, &outbox.encode(), None)
     }
@@ -482,20 +487,9 @@ impl StateStore {
     }
 
     /// Committed stage entries with keys in `[start, end)`.
-    fn stage_range(&self, start: &[u8], end: &[u8]) -> Result<Entries, StateError> {
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_iterate_upper_bound(end.to_vec());
-        let it = self.db.iterator_cf_opt(
-            self.cf(CF_STAGE)?,
-            opts,
-            rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward),
-        );
-        let mut out = Vec::new();
-        for item in it {
-            let (k, v) = item?;
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+    /// An iterator over the committed stage state (positioned nowhere yet).
+    fn stage_reader(&self) -> Result<rocksdb::DBRawIteratorWithThreadMode<'_, DB>, StateError> {
+        Ok(self.db.raw_iterator_cf(self.cf(CF_STAGE)?))
     }
 }
 
@@ -533,6 +527,7 @@ mod tests {
                 first: 10,
                 last: 19,
                 plugins: vec![],
+                ..Default::default()
             })
         );
         assert_eq!(s.outbox(&pk()).expect("outbox"), Some(outbox));
