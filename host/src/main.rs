@@ -464,6 +464,26 @@ async fn run(paths: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
+        // A flush can wait on ClickHouse or the broker for minutes (everything in flight is in
+        // the journal, so stopping is always safe): say so, and let a second signal end it.
+        let started = std::time::Instant::now();
+        let nag = async {
+            tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+            loop {
+                tracing::warn!(
+                    "shutdown requested {} s ago, still delivering the batches in flight (a second SIGTERM/SIGINT exits now; the journal re-sends them on the next start)",
+                    started.elapsed().as_secs()
+                );
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            }
+        };
+        tokio::select! {
+            _ = nag => {}
+            _ = shutdown_signal() => {
+                tracing::warn!("second shutdown signal: exiting without finishing the batches in flight");
+                std::process::exit(1);
+            }
+        }
     });
     let mut api_task = None;
     if let Some(api) = api {
