@@ -678,13 +678,18 @@ async fn e2e_dedup_composite_keys_and_missing_key_fields() -> Result<()> {
         json!({"id": 2, "source": "a", "n": 8}),
     ];
     // One partition for the key (duplicates must meet), Kafka timestamps as processing time.
+    // Recent ones: the broker applies time-based retention (7 days by default) to the record
+    // timestamps, so a fixed date would have its records deleted once it is a week old.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
     let pos = produce(
         &env.kafka.brokers,
         &topic,
         values.iter().enumerate().map(|(i, v)| {
             TestRecord::new(serde_json::to_vec(v).unwrap_or_default())
                 .partition(1)
-                .timestamp(BASE_TS_MS + i as i64)
+                .timestamp(now_ms - 60_000 + i as i64)
         }),
     )
     .await?;

@@ -150,8 +150,8 @@ impl DeadLetterQueue {
         }
     }
 
-    /// The Kafka record of a dead letter: the original key, value, timestamp and headers, plus
-    /// the `sluice.*` headers.
+    /// The Kafka record of a dead letter: the original key, value and headers, plus the
+    /// `sluice.*` headers.
     fn record<'a>(&'a self, l: &'a DeadLetter, at: &str) -> FutureRecord<'a, [u8], [u8]> {
         let o = &l.origin;
         let partition = o.partition.to_string();
@@ -188,9 +188,10 @@ impl DeadLetterQueue {
         if let Some(k) = &o.key {
             rec = rec.key(k.as_ref());
         }
-        if let Some(t) = o.timestamp_ms {
-            rec = rec.timestamp(t);
-        }
+        // No record timestamp: the broker stamps the dead letter with its own produce time.
+        // Keeping the source record's would let time-based retention delete the dead letter of
+        // any record older than the topic's `retention.ms` as soon as it lands (replays,
+        // rewinds, a backlog). The source time is in `sluice.source.timestamp`.
         rec
     }
 
@@ -309,5 +310,52 @@ impl DeadLetterQueue {
             ),
             fatal,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use rdkafka::message::Headers;
+
+    use crate::record::Origin;
+
+    /// A dead letter must not carry its source record's timestamp: with time-based retention
+    /// the broker would delete the dead letter of any old record as soon as it lands.
+    #[test]
+    fn dead_letters_are_stamped_when_produced_and_keep_the_source_time_in_a_header() {
+        let cfg: KafkaConfig =
+            serde_yaml_ng::from_str("brokers: 127.0.0.1:1\ntopics: [t]\ngroup_id: g\n").unwrap();
+        let dlq = DeadLetterQueue::connect(&cfg, "dlq", "p").unwrap();
+        let month_ago = 1_000_000_000_000;
+        let letter = DeadLetter {
+            origin: Arc::new(Origin {
+                topic: Arc::from("t"),
+                partition: 3,
+                offset: 7,
+                timestamp_ms: Some(month_ago),
+                key: None,
+                value: Bytes::from_static(b"{"),
+                headers: Vec::new(),
+            }),
+            stage: "dedup".into(),
+            plugin: None,
+            kind: "parse".into(),
+            message: "bad".into(),
+        };
+        let rec = dlq.record(&letter, "now");
+        assert_eq!(rec.timestamp, None);
+        let headers = rec.headers.as_ref().unwrap();
+        let ts = (0..headers.count())
+            .map(|i| headers.get(i))
+            .find(|h| h.key == H_TIMESTAMP)
+            .and_then(|h| h.value)
+            .unwrap();
+        assert_eq!(ts, month_ago.to_string().as_bytes());
     }
 }
