@@ -1254,10 +1254,19 @@ fn report(r: &Results) -> String {
             "",
             None,
         );
+        // CPU-s differ between machines of the same kind (and between runs) by more than the
+        // changes being measured; the raw consumer's CPU in the same run is the stable yardstick.
+        let vs_raw = r
+            .raw_consume
+            .as_ref()
+            .filter(|c| c.records > 0 && c.cpu_s > 0.0)
+            .map_or(f64::NAN, |c| {
+                p.sluice_cpu_s_per_million / (c.cpu_s * 1e6 / c.records as f64)
+            });
         row(
             "plain path: CPU-s per million records (sluice process)",
             format!(
-                "{:.2} ({:.2} CPU-s; meanwhile broker {:.2}, ClickHouse {:.2}, other processes {:.2} CPU-s)",
+                "{:.2} ({:.2} CPU-s; {vs_raw:.1}× the raw consumer's CPU per record; meanwhile broker {:.2}, ClickHouse {:.2}, other processes {:.2} CPU-s)",
                 p.sluice_cpu_s_per_million,
                 p.sluice_cpu_s,
                 p.broker_cpu_s,
