@@ -33,6 +33,35 @@ mod tests {
         );
     }
 
+    /// Loaders compiling the same component into one cache dir at once (pipelines of one
+    /// process, processes sharing the dir) must all succeed: they once shared a temporary file
+    /// name, and the loser of the race failed its rename with "No such file or directory".
+    #[test]
+    fn concurrent_loads_share_the_plugin_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|s| {
+            let loads: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let runtime = sluice::stage::wasm::runtime::PluginRuntime::new(Some(
+                            dir.path().to_path_buf(),
+                        ))?;
+                        runtime.load_file(std::path::Path::new(ENRICH_WASM))
+                    })
+                })
+                .collect();
+            for l in loads {
+                l.join().unwrap().unwrap();
+            }
+        });
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left.len(), 2, "artifact and checksum only: {left:?}");
+        assert!(left.iter().all(|n| !n.ends_with(".tmp")), "{left:?}");
+    }
+
     #[test]
     fn fixtures_are_present() {
         for path in [NOT_A_PLUGIN_WAT, WRONG_WORLD_WAT] {

@@ -4,6 +4,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -308,11 +309,28 @@ impl PluginRuntime {
             .serialize()
             .map_err(|e| cache_err(format!("{e:#}")))?;
         std::fs::create_dir_all(dir).map_err(|e| cache_err(e.to_string()))?;
-        let tmp = artifact.with_extension("cwasm.tmp");
-        std::fs::write(&tmp, &serialized).map_err(|e| cache_err(e.to_string()))?;
-        std::fs::write(&sidecar, hex::encode(Sha256::digest(&serialized)))
-            .map_err(|e| cache_err(e.to_string()))?;
-        std::fs::rename(&tmp, &artifact).map_err(|e| cache_err(e.to_string()))?;
+        // Several loaders (pipelines of one process, processes sharing the dir) may compile
+        // the same component at once: each writes its own temporary files, and both files
+        // appear by rename, the checksum first, so a reader never sees a partial file. The
+        // artifacts they race to place are identical (compilation is deterministic); if they
+        // were not, the checksum check sends a reader back to compiling.
+        static WRITER: AtomicU64 = AtomicU64::new(0);
+        let unique = format!(
+            "{}-{}.tmp",
+            std::process::id(),
+            WRITER.fetch_add(1, Ordering::Relaxed)
+        );
+        let tmp = artifact.with_extension(format!("cwasm.{unique}"));
+        let sidecar_tmp = artifact.with_extension(format!("cwasm.sha256.{unique}"));
+        let placed = std::fs::write(&tmp, &serialized)
+            .and_then(|()| std::fs::write(&sidecar_tmp, hex::encode(Sha256::digest(&serialized))))
+            .and_then(|()| std::fs::rename(&sidecar_tmp, &sidecar))
+            .and_then(|()| std::fs::rename(&tmp, &artifact));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(&sidecar_tmp);
+            return Err(cache_err(e.to_string()));
+        }
         Ok(component)
     }
 
