@@ -680,9 +680,7 @@ async fn e2e_dedup_composite_keys_and_missing_key_fields() -> Result<()> {
     // One partition for the key (duplicates must meet), Kafka timestamps as processing time.
     // Recent ones: the broker applies time-based retention (7 days by default) to the record
     // timestamps, so a fixed date would have its records deleted once it is a week old.
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis() as i64;
+    let now_ms = sluice_tests::bench::kafka::now_ms();
     let pos = produce(
         &env.kafka.brokers,
         &topic,

@@ -332,13 +332,13 @@ mod tests {
         let cfg: KafkaConfig =
             serde_yaml_ng::from_str("brokers: 127.0.0.1:1\ntopics: [t]\ngroup_id: g\n").unwrap();
         let dlq = DeadLetterQueue::connect(&cfg, "dlq", "p").unwrap();
-        let month_ago = 1_000_000_000_000;
+        let long_ago = 1_000_000_000_000;
         let letter = DeadLetter {
             origin: Arc::new(Origin {
                 topic: Arc::from("t"),
                 partition: 3,
                 offset: 7,
-                timestamp_ms: Some(month_ago),
+                timestamp_ms: Some(long_ago),
                 key: None,
                 value: Bytes::from_static(b"{"),
                 headers: Vec::new(),
@@ -356,6 +356,6 @@ mod tests {
             .find(|h| h.key == H_TIMESTAMP)
             .and_then(|h| h.value)
             .unwrap();
-        assert_eq!(ts, month_ago.to_string().as_bytes());
+        assert_eq!(ts, long_ago.to_string().as_bytes());
     }
 }
