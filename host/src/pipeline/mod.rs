@@ -93,6 +93,9 @@ impl Stats {
     }
 }
 
+/// Messages taken from the consumer per wake-up of the engine's loop, at most.
+const RECV_CHUNK: usize = 512;
+
 /// What the consumer loop hands to the worker, in order.
 enum WorkItem {
     /// A fresh batch to process.
@@ -227,7 +230,7 @@ impl Pipeline {
         tokio::pin!(shutdown);
         tracing::info!(pipeline = %p.name, topics = ?p.kafka.topics, side_topics = ?extra, "pipeline started");
 
-        let result: Result<(), PipelineError> = loop {
+        let result: Result<(), PipelineError> = 'consume: loop {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break Ok(()),
@@ -291,74 +294,86 @@ impl Pipeline {
                         }
                     }
                 }
-                m = source.recv() => {
-                    let origin = match m {
-                        Ok(o) => o,
+                chunk = source.recv_many(RECV_CHUNK) => {
+                    let chunk = match chunk {
+                        Ok(c) => c,
                         Err(SourceError::Rejoin(why)) => break Err(PipelineError::Rejoin(why)),
                         Err(e) => break Err(e.into()),
                     };
-                    Stats::add(&self.stats.consumed, 1);
-                    let pk = PartitionKey { topic: origin.topic.to_string(), partition: origin.partition };
-                    if self.changelog.is_some() && !held.contains(&pk.partition) {
-                        // A record of a partition whose assignment event is still queued: its
-                        // state (and journal) must be restored before the journal is read.
-                        match change_ownership(&tx, vec![pk.partition], Vec::new()).await {
-                            Ok(()) => {
-                                held.insert(pk.partition);
-                            }
-                            Err(Some(e)) => break Err(e),
-                            Err(None) => {
-                                worker_done = true;
-                                break Err(worker_exit((&mut worker_task).await));
-                            }
+                    Stats::add(&self.stats.consumed, chunk.len() as u64);
+                    // Consecutive records mostly share a partition: its key is built once.
+                    let mut current: Option<PartitionKey> = None;
+                    for origin in chunk {
+                        if current.as_ref().is_none_or(|pk| {
+                            pk.partition != origin.partition || pk.topic.as_str() != &*origin.topic
+                        }) {
+                            current = Some(PartitionKey { topic: origin.topic.to_string(), partition: origin.partition });
                         }
-                    }
-                    if !journals.contains_key(&pk) {
-                        // First record of this partition since it was assigned: finish the
-                        // batch a previous run left in flight before anything else.
-                        let mut j = self.state.journal(&pk)?;
-                        if let Some(b) = j.pending.as_ref().filter(|b| b.last < origin.offset) {
-                            // The group is already past it (another instance handled this
-                            // partition meanwhile): re-sending it would commit an older offset.
-                            tracing::warn!(partition = %pk, "dropping a stale journal entry: the group's offset is past it");
-                            self.state.complete_batch(&pk, b.last)?;
-                            j = self.state.journal(&pk)?;
-                        }
-                        if let Some(pending) = j.pending.clone() {
-                            match self.state.outbox(&pk)? {
-                                Some(outbox) => {
-                                    tracing::info!(partition = %pk, first = pending.first, last = pending.last,
-                                        "re-sending batch from the journal");
-                                    Stats::add(&self.stats.recovered_batches, 1);
-                                    let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox, dead_letters_sent: pending.dead_letters_sent, epoch: ownership.epoch_of(&pk) };
-                                    if tx.send(item).await.is_err() {
-                                        worker_done = true;
-                                        break Err(worker_exit((&mut worker_task).await));
-                                    }
-                                    j.next_offset = Some(pending.last + 1);
+                        let Some(pk) = current.as_ref() else { continue };
+                        if self.changelog.is_some() && !held.contains(&pk.partition) {
+                            // A record of a partition whose assignment event is still queued: its
+                            // state (and journal) must be restored before the journal is read.
+                            match change_ownership(&tx, vec![pk.partition], Vec::new()).await {
+                                Ok(()) => {
+                                    held.insert(pk.partition);
                                 }
-                                None => tracing::warn!(partition = %pk, "journal entry without outbox; consuming the batch again"),
+                                Err(Some(e)) => break 'consume Err(e),
+                                Err(None) => {
+                                    worker_done = true;
+                                    break 'consume Err(worker_exit((&mut worker_task).await));
+                                }
                             }
-                            j.pending = None;
                         }
-                        journals.insert(pk.clone(), j);
-                    }
-                    let Some(journal) = journals.get(&pk) else { continue };
-                    if journal.next_offset.is_some_and(|n| origin.offset < n) {
-                        // Already in ClickHouse (the group's offset was behind the journal).
-                        Stats::add(&self.stats.skipped_records, 1);
-                        continue;
-                    }
-                    let acc = accs.entry(pk.clone()).or_insert_with(|| {
-                        Accumulator::ramp(sealed_count.get(&pk).copied().unwrap_or(0))
-                    });
-                    acc.push(Record::from_origin(Arc::new(origin)));
-                    if acc.is_full(&batch_cfg) {
-                        if let Some(sealed) = accs.remove(&pk).and_then(|a| seal(a, &pk)) {
-                            *sealed_count.entry(pk.clone()).or_default() += 1;
-                            if tx.send(WorkItem::Batch(sealed)).await.is_err() {
-                                worker_done = true;
-                                break Err(worker_exit((&mut worker_task).await));
+                        if !journals.contains_key(pk) {
+                            // First record of this partition since it was assigned: finish the
+                            // batch a previous run left in flight before anything else.
+                            let mut j = self.state.journal(pk)?;
+                            if let Some(b) = j.pending.as_ref().filter(|b| b.last < origin.offset) {
+                                // The group is already past it (another instance handled this
+                                // partition meanwhile): re-sending it would commit an older offset.
+                                tracing::warn!(partition = %pk, "dropping a stale journal entry: the group's offset is past it");
+                                self.state.complete_batch(pk, b.last)?;
+                                j = self.state.journal(pk)?;
+                            }
+                            if let Some(pending) = j.pending.clone() {
+                                match self.state.outbox(pk)? {
+                                    Some(outbox) => {
+                                        tracing::info!(partition = %pk, first = pending.first, last = pending.last,
+                                            "re-sending batch from the journal");
+                                        Stats::add(&self.stats.recovered_batches, 1);
+                                        let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox, dead_letters_sent: pending.dead_letters_sent, epoch: ownership.epoch_of(pk) };
+                                        if tx.send(item).await.is_err() {
+                                            worker_done = true;
+                                            break 'consume Err(worker_exit((&mut worker_task).await));
+                                        }
+                                        j.next_offset = Some(pending.last + 1);
+                                    }
+                                    None => tracing::warn!(partition = %pk, "journal entry without outbox; consuming the batch again"),
+                                }
+                                j.pending = None;
+                            }
+                            journals.insert(pk.clone(), j);
+                        }
+                        let Some(journal) = journals.get(pk) else { continue };
+                        if journal.next_offset.is_some_and(|n| origin.offset < n) {
+                            // Already in ClickHouse (the group's offset was behind the journal).
+                            Stats::add(&self.stats.skipped_records, 1);
+                            continue;
+                        }
+                        let acc = match accs.get_mut(pk) {
+                            Some(acc) => acc,
+                            None => accs.entry(pk.clone()).or_insert_with(|| {
+                                Accumulator::ramp(sealed_count.get(pk).copied().unwrap_or(0))
+                            }),
+                        };
+                        acc.push(Record::from_origin(Arc::new(origin)));
+                        if acc.is_full(&batch_cfg) {
+                            if let Some(sealed) = accs.remove(pk).and_then(|a| seal(a, pk)) {
+                                *sealed_count.entry(pk.clone()).or_default() += 1;
+                                if tx.send(WorkItem::Batch(sealed)).await.is_err() {
+                                    worker_done = true;
+                                    break 'consume Err(worker_exit((&mut worker_task).await));
+                                }
                             }
                         }
                     }

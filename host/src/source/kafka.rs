@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
@@ -59,6 +60,8 @@ pub enum RebalanceEvent {
 #[derive(Debug, Default)]
 pub struct Ownership {
     epoch: std::sync::atomic::AtomicU64,
+    /// Counts assignments and revocations.
+    changes: std::sync::atomic::AtomicU64,
     owned: std::sync::Mutex<std::collections::HashMap<PartitionKey, u64>>,
 }
 
@@ -76,7 +79,14 @@ impl Ownership {
             .unwrap_or_default()
     }
 
+    /// Changes every time partitions are assigned or revoked.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn assign(&self, parts: &[PartitionKey]) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let e = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         if let Ok(mut m) = self.owned.lock() {
             for p in parts {
@@ -86,6 +96,8 @@ impl Ownership {
     }
 
     fn revoke(&self, parts: &[PartitionKey]) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Ok(mut m) = self.owned.lock() {
             for p in parts {
                 m.remove(p);
@@ -267,32 +279,91 @@ impl KafkaSource {
         ))
     }
 
-    /// Waits for the next message and copies it out of librdkafka's buffer.
+    /// Waits for the next message, then takes the messages librdkafka already holds, up to
+    /// `max` in all, and copies them out.
+    ///
+    /// With a backlog one wake-up of the engine's loop then handles hundreds of messages
+    /// instead of one, and their keys and values are copied into one shared buffer (one
+    /// allocation per call; each record's `Bytes` is a slice of it, so cloning or dropping one
+    /// is a reference count, not an allocation).
     ///
     /// Consumption errors librdkafka recovers from by itself (all brokers down during a
     /// restart, a transport failure, a partition EOF) are logged, at most once per 10 s, and
     /// waited out; only fatal ones end the pipeline.
-    pub async fn recv(&self) -> Result<Origin, SourceError> {
-        loop {
+    pub async fn recv_many(&self, max: usize) -> Result<Vec<Origin>, SourceError> {
+        // A rebalance callback runs inside a poll: stop taking messages after one, so the engine
+        // sees the event before the messages that follow it.
+        let changes = self.ownership.changes();
+        let first = loop {
             match self.consumer.recv().await {
-                Ok(m) => {
-                    let topic = self.topic(m.topic());
-                    return Ok(to_origin(&m, topic));
-                }
-                Err(KafkaError::MessageConsumption(code)) => {
-                    if self.warn_now() {
-                        tracing::warn!("kafka consumption: {code} (librdkafka retries; waiting)");
-                    }
+                Ok(m) => break m,
+                Err(e) => {
+                    self.recoverable(e)?;
                     // Without a pause a persistent error would spin.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                // Seen after a broker restart: the group no longer knows this static member
-                // as it is. A new consumer (a new run) rejoins.
-                Err(
-                    e @ KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::FencedInstanceId),
-                ) => return Err(SourceError::Rejoin(e.to_string())),
-                Err(e) => return Err(SourceError::Receive(e.to_string())),
             }
+        };
+        let mut messages = vec![first];
+        while messages.len() < max && self.ownership.changes() == changes {
+            match self.consumer.recv().now_or_never() {
+                Some(Ok(m)) => messages.push(m),
+                // Reported here; the next call waits it out.
+                Some(Err(e)) => {
+                    self.recoverable(e)?;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let size: usize = messages.iter().map(|m| m.key_len() + m.payload_len()).sum();
+        let mut buf = BytesMut::with_capacity(size);
+        let mut spans = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let key = m.key().map(|k| {
+                buf.extend_from_slice(k);
+                buf.len() - k.len()..buf.len()
+            });
+            let payload = m.payload().unwrap_or_default();
+            buf.extend_from_slice(payload);
+            spans.push((key, buf.len() - payload.len()..buf.len()));
+        }
+        let buf = buf.freeze();
+        let mut out = Vec::with_capacity(messages.len());
+        let mut topic: Option<Arc<str>> = None;
+        for (m, (key, value)) in messages.iter().zip(spans) {
+            let topic = match &topic {
+                Some(t) if **t == *m.topic() => t.clone(),
+                _ => topic.insert(self.topic(m.topic())).clone(),
+            };
+            out.push(Origin {
+                topic,
+                partition: m.partition(),
+                offset: m.offset(),
+                timestamp_ms: m.timestamp().to_millis(),
+                key: key.map(|k| buf.slice(k)),
+                value: buf.slice(value),
+                headers: copy_headers(m),
+            });
+        }
+        Ok(out)
+    }
+
+    /// `Ok` (after a rate-limited warning) for an error librdkafka recovers from by itself.
+    fn recoverable(&self, e: KafkaError) -> Result<(), SourceError> {
+        match e {
+            KafkaError::MessageConsumption(code) => {
+                if self.warn_now() {
+                    tracing::warn!("kafka consumption: {code} (librdkafka retries; waiting)");
+                }
+                Ok(())
+            }
+            // Seen after a broker restart: the group no longer knows this static member as
+            // it is. A new consumer (a new run) rejoins.
+            e @ KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::FencedInstanceId) => {
+                Err(SourceError::Rejoin(e.to_string()))
+            }
+            e => Err(SourceError::Receive(e.to_string())),
         }
     }
 
@@ -421,17 +492,4 @@ pub fn copy_headers(m: &BorrowedMessage<'_>) -> Vec<Header> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn to_origin(m: &BorrowedMessage<'_>, topic: Arc<str>) -> Origin {
-    let headers = copy_headers(m);
-    Origin {
-        topic,
-        partition: m.partition(),
-        offset: m.offset(),
-        timestamp_ms: m.timestamp().to_millis(),
-        key: m.key().map(Bytes::copy_from_slice),
-        value: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-        headers,
-    }
 }
