@@ -53,14 +53,15 @@ use crate::{Record, RecordError, Row};
 /// The top-level fields of a JSON object, each value kept as its raw JSON text.
 #[derive(Debug, Clone)]
 pub struct JsonObject<'a> {
-    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// Key and raw JSON text of each field, in input order.
+    fields: Vec<(Cow<'a, str>, &'a str)>,
     /// The text the fields borrow from (lets [`RowWriter::copy_fields`] copy runs of fields).
     src: &'a str,
 }
 
 /// The JSON type of a raw value, from its first byte (the parser has validated it).
-fn raw_type(raw: &RawValue) -> &'static str {
-    match raw.get().as_bytes().first() {
+fn raw_type(raw: &str) -> &'static str {
+    match raw.as_bytes().first() {
         Some(b'"') => "string",
         Some(b'{') => "object",
         Some(b'[') => "array",
@@ -70,7 +71,7 @@ fn raw_type(raw: &RawValue) -> &'static str {
     }
 }
 
-fn wrong_type(name: &str, expected: &str, found: &RawValue) -> RecordError {
+fn wrong_type(name: &str, expected: &str, found: &str) -> RecordError {
     RecordError::schema(format!(
         "field /{name}: expected {expected}, found {}",
         raw_type(found)
@@ -85,12 +86,26 @@ impl<'a> JsonObject<'a> {
         // again (per-string checks cost more, notably inside WebAssembly).
         let src = std::str::from_utf8(json)
             .map_err(|e| RecordError::parse(format!("payload is not valid JSON: {e}")))?;
+        if let Some(fields) = scan_flat_object(src) {
+            return Ok(JsonObject { fields, src });
+        }
+        // Everything else (nested values, `\u` escapes, exponents, and every error) goes
+        // through serde_json's parser, which stays the reference for what is accepted and for
+        // the error messages.
+        Self::from_str_with_serde(src)
+    }
+
+    /// [`Self::from_slice`] without the fast path.
+    fn from_str_with_serde(src: &'a str) -> Result<Self, RecordError> {
         let mut de = serde_json::Deserializer::from_str(src);
         let fields = de::Deserializer::deserialize_any(&mut de, ObjectVisitor)
             .and_then(|fields| de.end().map(|()| fields))
             .map_err(|e| RecordError::parse(format!("payload is not valid JSON: {e}")))?;
         match fields {
-            Ok(fields) => Ok(JsonObject { fields, src }),
+            Ok(fields) => Ok(JsonObject {
+                fields: fields.into_iter().map(|(k, v)| (k, v.get())).collect(),
+                src,
+            }),
             Err(kind) => Err(RecordError::schema(format!(
                 "payload is a JSON {kind}, expected an object"
             ))),
@@ -99,10 +114,9 @@ impl<'a> JsonObject<'a> {
 
     /// Where field `(k, v)` lies in the source text, from its key's opening quote to the end
     /// of its value: only for keys borrowed from it (no escapes) and values inside it.
-    fn borrowed_span(&self, k: &str, v: &RawValue) -> Option<(usize, usize)> {
+    fn borrowed_span(&self, k: &str, value: &str) -> Option<(usize, usize)> {
         let base = self.src.as_ptr() as usize;
         let key_start = (k.as_ptr() as usize).checked_sub(base)?.checked_sub(1)?;
-        let value = v.get();
         let value_start = (value.as_ptr() as usize).checked_sub(base)?;
         let value_end = value_start + value.len();
         let bytes = self.src.as_bytes();
@@ -128,11 +142,29 @@ impl<'a> JsonObject<'a> {
 
     /// The fields in input order: name and raw JSON text.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &'a RawValue)> + '_ {
-        self.fields.iter().map(|(k, v)| (k.as_ref(), *v))
+        self.fields
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_ref(), as_raw_value(v)?)))
     }
 
     /// The raw JSON text of field `name` (its last occurrence), `null` included.
     pub fn raw(&self, name: &str) -> Option<&'a RawValue> {
+        self.text(name).and_then(as_raw_value)
+    }
+
+    /// Field `name`; missing and `null` are `schema` errors.
+    pub fn get(&self, name: &str) -> Result<&'a RawValue, RecordError> {
+        let v = self.get_text(name)?;
+        as_raw_value(v).ok_or_else(|| RecordError::schema(format!("field /{name}: not JSON")))
+    }
+
+    /// Field `name`, or `None` when missing or `null`.
+    pub fn get_opt(&self, name: &str) -> Option<&'a RawValue> {
+        self.get_opt_text(name).and_then(as_raw_value)
+    }
+
+    /// The raw JSON text of field `name` (its last occurrence), `null` included.
+    fn text(&self, name: &str) -> Option<&'a str> {
         self.fields
             .iter()
             .rev()
@@ -140,31 +172,28 @@ impl<'a> JsonObject<'a> {
             .map(|(_, v)| *v)
     }
 
-    /// Field `name`; missing and `null` are `schema` errors.
-    pub fn get(&self, name: &str) -> Result<&'a RawValue, RecordError> {
-        match self.raw(name) {
+    /// The raw text of field `name`; missing and `null` are `schema` errors.
+    fn get_text(&self, name: &str) -> Result<&'a str, RecordError> {
+        match self.text(name) {
             None => Err(RecordError::schema(format!("missing field /{name}"))),
-            Some(v) if v.get() == "null" => {
-                Err(RecordError::schema(format!("field /{name} is null")))
-            }
+            Some("null") => Err(RecordError::schema(format!("field /{name} is null"))),
             Some(v) => Ok(v),
         }
     }
 
-    /// Field `name`, or `None` when missing or `null`.
-    pub fn get_opt(&self, name: &str) -> Option<&'a RawValue> {
-        self.raw(name).filter(|v| v.get() != "null")
+    fn get_opt_text(&self, name: &str) -> Option<&'a str> {
+        self.text(name).filter(|v| *v != "null")
     }
 
     /// A string field, borrowed from the record unless it contains escapes.
     pub fn str(&self, name: &str) -> Result<Cow<'a, str>, RecordError> {
-        let v = self.get(name)?;
+        let v = self.get_text(name)?;
         raw_str(v).ok_or_else(|| wrong_type(name, "a string", v))
     }
 
     /// A string field, or `None` when missing, `null` or not a string.
     pub fn str_opt(&self, name: &str) -> Option<Cow<'a, str>> {
-        self.get_opt(name).and_then(raw_str)
+        self.get_opt_text(name).and_then(raw_str)
     }
 
     /// A string that is not empty (nor only whitespace).
@@ -178,31 +207,28 @@ impl<'a> JsonObject<'a> {
 
     /// An integer that fits `i64`; `1.5` and `1.0` are refused.
     pub fn i64(&self, name: &str) -> Result<i64, RecordError> {
-        let v = self.get(name)?;
-        v.get()
-            .parse()
-            .map_err(|_| wrong_type(name, "an integer", v))
+        let v = self.get_text(name)?;
+        v.parse().map_err(|_| wrong_type(name, "an integer", v))
     }
 
     /// A non-negative integer that fits `u64`.
     pub fn u64(&self, name: &str) -> Result<u64, RecordError> {
-        let v = self.get(name)?;
-        v.get()
-            .parse()
+        let v = self.get_text(name)?;
+        v.parse()
             .map_err(|_| wrong_type(name, "a non-negative integer", v))
     }
 
     pub fn f64(&self, name: &str) -> Result<f64, RecordError> {
-        let v = self.get(name)?;
+        let v = self.get_text(name)?;
         if raw_type(v) != "number" {
             return Err(wrong_type(name, "a number", v));
         }
-        v.get().parse().map_err(|_| wrong_type(name, "a number", v))
+        v.parse().map_err(|_| wrong_type(name, "a number", v))
     }
 
     pub fn bool(&self, name: &str) -> Result<bool, RecordError> {
-        let v = self.get(name)?;
-        match v.get() {
+        let v = self.get_text(name)?;
+        match v {
             "true" => Ok(true),
             "false" => Ok(false),
             _ => Err(wrong_type(name, "a boolean", v)),
@@ -212,9 +238,9 @@ impl<'a> JsonObject<'a> {
     /// A decimal amount as an integer count of `10^-scale` units, as
     /// [`crate::json::get_fixed_point`]; a JSON number is converted from its text as written.
     pub fn fixed_point(&self, name: &str, scale: u32) -> Result<i64, RecordError> {
-        let v = self.get(name)?;
+        let v = self.get_text(name)?;
         let text = match raw_type(v) {
-            "number" => Cow::Borrowed(v.get()),
+            "number" => Cow::Borrowed(v),
             "string" => match raw_str(v) {
                 Some(Cow::Borrowed(s)) => Cow::Borrowed(s.trim()),
                 Some(Cow::Owned(s)) => Cow::Owned(s.trim().to_owned()),
@@ -232,13 +258,13 @@ impl<'a> JsonObject<'a> {
     /// A timestamp given as RFC 3339 text or as an integer epoch in `unit`, as
     /// [`crate::json::get_timestamp`].
     pub fn timestamp(&self, name: &str, unit: EpochUnit) -> Result<Timestamp, RecordError> {
-        let v = self.get(name)?;
+        let v = self.get_text(name)?;
         let parsed = match raw_type(v) {
             "string" => match raw_str(v) {
                 Some(s) => Timestamp::parse_rfc3339(&s),
                 None => return Err(wrong_type(name, "RFC 3339 text or an integer epoch", v)),
             },
-            "number" => match v.get().parse::<i64>() {
+            "number" => match v.parse::<i64>() {
                 Ok(epoch) => Timestamp::from_epoch(epoch, unit),
                 Err(_) => {
                     return Err(wrong_type(name, "RFC 3339 text or an integer epoch", v));
@@ -256,15 +282,18 @@ impl<'a> JsonObject<'a> {
 
     /// Field `name` deserialised as `T`; a value that does not fit `T` is a `schema` error.
     pub fn parse<T: DeserializeOwned>(&self, name: &str) -> Result<T, RecordError> {
-        let v = self.get(name)?;
-        serde_json::from_str(v.get())
-            .map_err(|e| RecordError::schema(format!("field /{name}: {e}")))
+        let v = self.get_text(name)?;
+        serde_json::from_str(v).map_err(|e| RecordError::schema(format!("field /{name}: {e}")))
     }
 }
 
+/// `raw` (text the parser validated) as serde_json's raw value type, for the public API.
+fn as_raw_value(raw: &str) -> Option<&RawValue> {
+    serde_json::from_str(raw).ok()
+}
+
 /// The text of a raw JSON string, borrowed when it holds no escapes.
-fn raw_str(v: &RawValue) -> Option<Cow<'_, str>> {
-    let raw = v.get();
+fn raw_str(raw: &str) -> Option<Cow<'_, str>> {
     let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
     if !inner.contains('\\') {
         return Some(Cow::Borrowed(inner));
@@ -399,6 +428,152 @@ fn value_limits(raw: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The fields of `src` if it is a flat JSON object whose every value is a string without
+/// `\u` escapes, a number without an exponent, `true`, `false` or `null`, and no key holds
+/// an escape: the shape of most events, read in one pass over the bytes. `None` for anything
+/// else, valid or not; the caller then asks serde_json, so this only has to be exact about
+/// what it accepts (the differential test below holds it to that).
+///
+/// Why by hand: serde_json's generic visitor path (a deserializer, a `RawValue` per field,
+/// then [`value_limits`] scanning each value again) was the largest part of a plugin's time
+/// inside WebAssembly.
+fn scan_flat_object(src: &str) -> Option<Vec<(Cow<'_, str>, &str)>> {
+    let b = src.as_bytes();
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    let mut fields = Vec::with_capacity(16);
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            // Key: a string without escapes (an escaped key is decoded by serde_json).
+            if b.get(i) != Some(&b'"') {
+                return None;
+            }
+            let key_end = next_special(b, i + 1);
+            if b.get(key_end) != Some(&b'"') {
+                return None;
+            }
+            let key = src.get(i + 1..key_end)?;
+            i = skip_ws(b, key_end + 1);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            i = skip_ws(b, i + 1);
+            let start = i;
+            i = match b.get(i)? {
+                b'"' => string_end(b, i + 1)?,
+                b'-' | b'0'..=b'9' => number_end(b, i)?,
+                b't' if b[i..].starts_with(b"true") => i + 4,
+                b'f' if b[i..].starts_with(b"false") => i + 5,
+                b'n' if b[i..].starts_with(b"null") => i + 4,
+                _ => return None,
+            };
+            fields.push((Cow::Borrowed(key), src.get(start..i)?));
+            i = skip_ws(b, i);
+            match b.get(i)? {
+                b',' => i = skip_ws(b, i + 1),
+                b'}' => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    (skip_ws(b, i) == b.len()).then_some(fields)
+}
+
+/// The first index at or after `i` that is not JSON whitespace.
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// The index of the first byte at or after `i` that is `"`, `\` or a control character
+/// (`b.len()` if none), eight bytes per step.
+fn next_special(b: &[u8], mut i: usize) -> usize {
+    while let Some(w) = b.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        let x = u64::from_le_bytes(word);
+        // Per byte, the high bit is set for a special byte; above the first hit, borrows can
+        // set it for others too, so only the lowest one counts.
+        let control = x.wrapping_sub(0x20 * ONES) & !x & HIGHS;
+        let quote = zero_bytes(x ^ (b'"' as u64 * ONES));
+        let backslash = zero_bytes(x ^ (b'\\' as u64 * ONES));
+        let hits = control | quote | backslash;
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while let Some(&c) = b.get(i) {
+        if c < 0x20 || c == b'"' || c == b'\\' {
+            return i;
+        }
+        i += 1;
+    }
+    i
+}
+
+/// High bit of each byte of `x` that is zero (exact for the lowest such byte).
+fn zero_bytes(x: u64) -> u64 {
+    x.wrapping_sub(ONES) & !x & HIGHS
+}
+
+/// The index after the closing quote of the string whose text starts at `i`; `None` for a
+/// control character, a `\u` escape, an unknown escape or no closing quote.
+fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        i = next_special(b, i);
+        match b.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => match b.get(i + 1)? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                _ => return None,
+            },
+            _ => return None,
+        }
+    }
+}
+
+/// The index after the number starting at `i` (JSON grammar); `None` with an exponent or more
+/// than 300 characters, whose range [`value_limits`] would have to check.
+fn number_end(b: &[u8], start: usize) -> Option<usize> {
+    let digits = |mut i: usize| {
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        i
+    };
+    let mut i = start;
+    if b.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    i = match b.get(i)? {
+        b'0' => i + 1,
+        b'1'..=b'9' => digits(i + 1),
+        _ => return None,
+    };
+    if b.get(i) == Some(&b'.') {
+        let after = digits(i + 1);
+        if after == i + 1 {
+            return None;
+        }
+        i = after;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) || i - start > 300 {
+        return None;
+    }
+    Some(i)
+}
+
 /// An object key, borrowed unless it contains escapes.
 struct KeySeed;
 
@@ -500,7 +675,7 @@ impl RowWriter {
                 (None, _) => {
                     self.flush_run(object.src, run.take());
                     self.key(k);
-                    self.buf.extend_from_slice(v.get().as_bytes());
+                    self.buf.extend_from_slice(v.as_bytes());
                 }
             }
         }
@@ -953,5 +1128,111 @@ mod tests {
             "{text}"
         );
         assert_eq!(RowWriter::new().finish().value(), Ok(&b"{}"[..]));
+    }
+
+    /// Whenever the one-pass scanner accepts a text, serde_json's path (the reference) accepts
+    /// it too and reads the same fields; and the scanner accepts most plain events.
+    #[test]
+    fn flat_scanner_agrees_with_serde_json() {
+        const VALUES: &[&str] = &[
+            r#""""#,
+            r#""plain text, longer than eight""#,
+            r#""q\"uote""#,
+            r#""back\\slash""#,
+            r#""esc \n\t\r\b\f\/""#,
+            r#""\u00e9""#,
+            r#""\ud800""#,
+            r#""\x""#,
+            "\"ctl\u{1}\"",
+            r#""é ü 字""#,
+            r#""unterminated"#,
+            "0",
+            "-0",
+            "01",
+            "1.",
+            "1.5",
+            "-",
+            "-1.25",
+            "1e5",
+            "1E+2",
+            "2.5e-3",
+            "12345678901234567890",
+            "-0.0",
+            ".5",
+            "+1",
+            "true",
+            "false",
+            "null",
+            "tru",
+            "nul",
+            "{}",
+            "[1]",
+            r#"{"a":[1,{"b":2}]}"#,
+            "[",
+        ];
+        const KEYS: &[&str] = &[
+            "id",
+            "a_long_key_name_x",
+            "k\\\"q",
+            "k\\u0041",
+            "",
+            "é",
+            "d\u{7}",
+        ];
+        const JUNK: &[char] = &[
+            '"', '{', '}', '[', ']', ',', ':', '\\', ' ', '\t', '\n', '0', '9', '-', '.', 'e', 't',
+            'n', 'u', '\u{1}', 'é', 'x',
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let ws = [" ", "", "", "\n\t", "\r "];
+        let (mut accepted, mut cases) = (0, 0);
+        for _ in 0..200_000 {
+            let mut text = String::from(ws[next(ws.len())]);
+            text.push('{');
+            let n = next(7);
+            for f in 0..n {
+                if f > 0 {
+                    text.push(',');
+                }
+                text += ws[next(ws.len())];
+                text += &format!("\"{}\"", KEYS[next(KEYS.len())]);
+                text += ws[next(ws.len())];
+                text.push(':');
+                text += ws[next(ws.len())];
+                text += VALUES[next(VALUES.len())];
+                text += ws[next(ws.len())];
+            }
+            text.push('}');
+            text += ws[next(ws.len())];
+            let mut chars: Vec<char> = text.chars().collect();
+            for _ in 0..[0, 0, 0, 1, 2][next(5)] {
+                let at = next(chars.len() + 1);
+                match next(3) {
+                    0 => chars.insert(at, JUNK[next(JUNK.len())]),
+                    1 if at < chars.len() => {
+                        chars.remove(at);
+                    }
+                    _ if at < chars.len() => chars[at] = JUNK[next(JUNK.len())],
+                    _ => {}
+                }
+            }
+            let text: String = chars.into_iter().collect();
+            cases += 1;
+            if let Some(fields) = scan_flat_object(&text) {
+                accepted += 1;
+                let reference = JsonObject::from_str_with_serde(&text)
+                    .unwrap_or_else(|e| panic!("scanner accepted {text:?}, serde_json: {e:?}"));
+                assert_eq!(fields, reference.fields, "{text:?}");
+            }
+        }
+        assert!(accepted > cases / 10, "{accepted} of {cases} accepted");
+        let event = r#"{"id":"tx-000123","user_id":42,"amount":"19.99","currency":"EUR","ts":"2026-11-23T10:00:00.123Z","kind":"purchase","n":-1.5,"ok":true,"z":null}"#;
+        assert_eq!(scan_flat_object(event).map(|f| f.len()), Some(9));
     }
 }
