@@ -189,9 +189,36 @@ impl RowEncoder {
         // every key and string again. A row that is not UTF-8 goes through the byte parser,
         // whose error says where, exactly as before.
         match std::str::from_utf8(json) {
-            Ok(text) => self.encode_from(serde_json::Deserializer::from_str(text), out),
+            Ok(text) => match self.encode_flat(text, out) {
+                Some(done) => done,
+                None => self.encode_from(serde_json::Deserializer::from_str(text), out),
+            },
             Err(_) => self.encode_from(serde_json::Deserializer::from_slice(json), out),
         }
+    }
+
+    /// The path for flat objects (most rows), read in one pass by [`sluice_flat_json`]; `None`
+    /// when `text` is anything else (nesting, `\u` escapes, exponents, any error), which
+    /// serde_json then reads. Both fill the same slots, so the rows are the same.
+    fn encode_flat(&self, text: &str, out: &mut Vec<u8>) -> Option<Result<(), JsonRowError>> {
+        let mut slots: Vec<Option<Field<'_>>> = Vec::new();
+        slots.resize_with(self.columns.len(), || None);
+        let mut unknown = Vec::new();
+        let reject = self.unknown_fields == UnknownFields::Reject;
+        let mut hint = 0;
+        let mut fields_ok = true;
+        let flat = sluice_flat_json::for_each_field(text, |key, raw| {
+            match self.column_index(key, &mut hint) {
+                // A repeated key: the last one wins, as in a parsed `Map`.
+                Some(i) => match flat_field(raw) {
+                    Some(f) => slots[i] = Some(f),
+                    None => fields_ok = false,
+                },
+                None if reject => unknown.push(key.to_owned()),
+                None => {}
+            }
+        });
+        (flat && fields_ok).then(|| self.finish_row(&slots, unknown, out))
     }
 
     fn encode_from<'de, R: serde_json::de::Read<'de>>(
@@ -215,6 +242,16 @@ impl RowEncoder {
         if let Shape::Other(kind) = shape {
             return Err(JsonRowError::NotAnObject(kind));
         }
+        self.finish_row(&slots, unknown, out)
+    }
+
+    /// Writes a row from its columns' values (`unknown`: fields to reject it for).
+    fn finish_row(
+        &self,
+        slots: &[Option<Field<'_>>],
+        mut unknown: Vec<String>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), JsonRowError> {
         let start = out.len();
         self.encode_columns(|i| slots[i].as_ref().map(Field::as_json), out)?;
         // Only filled with `UnknownFields::Reject`.
@@ -693,6 +730,36 @@ impl Field<'_> {
             Field::Tree(v) => Json::from(v),
         }
     }
+}
+
+/// A value [`sluice_flat_json`] accepted (a string without `\u` escapes, a number without an
+/// exponent, a literal) as the serde_json visitor below would have read it; `None` if it
+/// cannot be (never expected: the reader checked it).
+fn flat_field(raw: &str) -> Option<Field<'_>> {
+    Some(match raw.as_bytes().first()? {
+        b'"' => {
+            let inner = raw.get(1..raw.len().checked_sub(1)?)?;
+            if inner.contains('\\') {
+                Field::Str(Cow::Owned(serde_json::from_str(raw).ok()?))
+            } else {
+                Field::Str(Cow::Borrowed(inner))
+            }
+        }
+        b't' => Field::Bool(true),
+        b'f' => Field::Bool(false),
+        b'n' => Field::Null,
+        // Integers as serde_json reads them (u64, else i64); `-0`, fractions and integers
+        // beyond 64 bits through its own number parser, which makes them floats.
+        _ => Field::Num(if raw.starts_with("-0") || raw.contains('.') {
+            raw.parse::<Number>().ok()?
+        } else if let Ok(u) = raw.parse::<u64>() {
+            u.into()
+        } else if let Ok(i) = raw.parse::<i64>() {
+            i.into()
+        } else {
+            raw.parse::<Number>().ok()?
+        }),
+    })
 }
 
 /// What the top-level value turned out to be.
@@ -2423,6 +2490,95 @@ mod tests {
             enc(u64::MAX),
             [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1]
         );
+    }
+
+    /// The one-pass path for flat rows and serde_json's path write the same bytes and give the
+    /// same errors, whichever types the fields land in.
+    #[test]
+    fn flat_path_matches_the_serde_path() {
+        let cols = [
+            ("a", "UInt8", ""),
+            ("i", "Int64", ""),
+            ("u", "UInt64", ""),
+            ("f", "Float64", ""),
+            ("d", "Decimal(18, 4)", ""),
+            ("s", "String", ""),
+            ("n", "Nullable(String)", ""),
+            ("b", "Bool", ""),
+            ("t", "DateTime64(3)", ""),
+            ("day", "Date", ""),
+        ];
+        let values = [
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "1.5",
+            "-0.5",
+            "255",
+            "256",
+            "0.1",
+            "19.9999",
+            "1.00005",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "123456789012345678901234567890.5",
+            "true",
+            "false",
+            "null",
+            r#""""#,
+            r#""x\"y\\z\n""#,
+            r#""19.99""#,
+            r#""2026-11-23T10:00:00.123Z""#,
+            r#""2026-11-23""#,
+            r#""1700000000.5""#,
+            r#""true""#,
+            r#""é""#,
+            "1e3",
+            r#""\u0041""#,
+            "[1]",
+            r#"{"k":1}"#,
+        ];
+        let keys = [
+            "a", "i", "u", "f", "d", "s", "n", "b", "t", "day", "other", "a",
+        ];
+        let mut state = 0x2545_F491_4F6C_DD1D_u64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let mut flat_rows = 0;
+        for policy in [UnknownFields::Ignore, UnknownFields::Reject] {
+            let enc = encoder_with(&cols, policy);
+            for _ in 0..20_000 {
+                let fields: Vec<String> = (0..next(8))
+                    .map(|_| {
+                        format!(
+                            "\"{}\":{}",
+                            keys[next(keys.len())],
+                            values[next(values.len())]
+                        )
+                    })
+                    .collect();
+                let text = format!("{{{}}}", fields.join(","));
+                let mut fast = vec![7];
+                let Some(r) = enc.encode_flat(&text, &mut fast) else {
+                    continue;
+                };
+                flat_rows += 1;
+                let fast_r = r.map_err(|e| e.to_string());
+                let mut slow = vec![7];
+                let slow_r = enc
+                    .encode_from(serde_json::Deserializer::from_str(&text), &mut slow)
+                    .map_err(|e| e.to_string());
+                assert_eq!((fast_r, fast), (slow_r, slow), "{text}");
+            }
+        }
+        assert!(flat_rows > 10_000, "{flat_rows}");
     }
 
     #[test]
