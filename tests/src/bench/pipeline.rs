@@ -26,6 +26,8 @@ pub struct PipelineSpec {
     pub state_dir: PathBuf,
     /// The whole `stages` list instead of the one enrich stage (the full path).
     pub stages: Option<serde_json::Value>,
+    /// `state.changelog.topic`: what several instances of one pipeline need (README).
+    pub changelog: Option<String>,
 }
 
 impl PipelineSpec {
@@ -49,10 +51,18 @@ impl PipelineSpec {
             "stages": stages,
             "sink": {"clickhouse": {"url": self.ch_url, "table": self.table}},
             "dead_letter": {"topic": format!("{}-dlq", self.topic)},
-            "state": {"dir": self.state_dir},
+            "state": match &self.changelog {
+                Some(topic) => serde_json::json!({"dir": self.state_dir, "changelog": {"topic": topic}}),
+                None => serde_json::json!({"dir": self.state_dir}),
+            },
         });
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("{}.yaml", self.name));
+        // Named after the state dir: instances of one pipeline share its name, not their files.
+        let stem = self
+            .state_dir
+            .file_name()
+            .map_or_else(|| self.name.clone(), |n| n.to_string_lossy().into_owned());
+        let path = dir.join(format!("{stem}.yaml"));
         std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
         Ok(path)
     }

@@ -480,6 +480,7 @@ impl Bench {
             plugin_config: serde_json::json!({"version": "v1"}),
             state_dir: self.work.join("state").join(name),
             stages: None,
+            changelog: None,
         }
     }
 
@@ -533,7 +534,14 @@ impl Bench {
         }
         let mut configs = Vec::new();
         for i in 0..instances {
-            let mut spec = self.spec(&format!("bench{id}i{i}"), topic, &group, &table);
+            // Instances of one pipeline: one name (it is part of every insert deduplication
+            // token, so a batch re-consumed by another instance after a rebalance is dropped
+            // by ClickHouse), own state dirs, and the state changelog the README asks for.
+            let mut spec = self.spec(&format!("bench{id}"), topic, &group, &table);
+            spec.state_dir = self.work.join("state").join(format!("bench{id}i{i}"));
+            if instances > 1 {
+                spec.changelog = Some(format!("{topic}-state-{id}"));
+            }
             spec.stages = stages.clone();
             let cfg = spec.write(&self.work.join("pipelines"))?;
             pipeline::warm_plugin_cache(&self.sluice, &cfg)?;
