@@ -136,6 +136,43 @@ state:
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// Uploads a plugin announced as `declared` bytes, of which only `sent` (just over the
+    /// limit) are written, then reads the answer. Over plain TCP: the server answers 413 once
+    /// the limit is passed and closes the connection, so a client still writing the rest of
+    /// the body (as reqwest does) may get a broken pipe instead of the response; sending no
+    /// more than the server reads makes the answer arrive every time.
+    async fn oversized_upload(
+        &self,
+        name: &str,
+        declared: usize,
+        sent: usize,
+    ) -> Result<(StatusCode, Value)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+        let head = format!(
+            "POST /v1/plugins/{name} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\nauthorization: Bearer {TOKEN}\r\n\
+             content-type: application/wasm\r\ncontent-length: {declared}\r\nconnection: close\r\n\r\n",
+            self.port
+        );
+        conn.write_all(head.as_bytes()).await?;
+        conn.write_all(&vec![0u8; sent]).await?;
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut reply))
+            .await
+            .context("no answer to an oversized upload within 30 s")??;
+        let text = String::from_utf8_lossy(&reply);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("not an HTTP response: {text:?}"))?;
+        let code: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("no status in {head:?}"))?;
+        let v = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_string()));
+        Ok((StatusCode::from_u16(code)?, v))
+    }
+
     /// An authenticated request; returns status and JSON body (or the text as a string).
     async fn call(
         &self,
@@ -285,22 +322,8 @@ async fn auth_limits_and_error_statuses() -> Result<()> {
     }
 
     // Upload limit → 413; not a component → 422 with the validation error.
-    let big = vec![0u8; 5 << 20];
-    // Its own client: the server answers 413 without reading the whole body and closes the
-    // connection, which must not be reused.
-    let r = reqwest::Client::new()
-        .post(f.url("/v1/plugins/big"))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/wasm")
-        .body(big)
-        .send()
-        .await?;
-    ensure!(
-        r.status() == StatusCode::PAYLOAD_TOO_LARGE,
-        "{}",
-        r.status()
-    );
-    let v: Value = r.json().await?;
+    let (s, v) = f.oversized_upload("big", 5 << 20, (4 << 20) + 1).await?;
+    ensure!(s == StatusCode::PAYLOAD_TOO_LARGE, "{s} {v}");
     ensure!(v["error"]["code"] == "too_large", "{v}");
     let (s, v) = f.upload("core", NOT_A_PLUGIN_WAT).await?;
     ensure!(s == StatusCode::UNPROCESSABLE_ENTITY, "{s} {v}");
