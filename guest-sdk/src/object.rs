@@ -673,16 +673,8 @@ fn write_u64(buf: &mut Vec<u8>, mut v: u64) {
     buf.extend_from_slice(&digits[i..]);
 }
 
-const ONES: u64 = 0x0101_0101_0101_0101;
-const HIGHS: u64 = 0x8080_8080_8080_8080;
-
-/// Whether any byte of the 8 in `x` is zero (the classic SWAR test: exact, no false hits).
-fn has_zero_byte(x: u64) -> bool {
-    (x.wrapping_sub(ONES) & !x & HIGHS) != 0
-}
-
 /// Whether `b` holds a byte that a JSON string literal must escape: a control character, `"`
-/// or `\`. Eight bytes per step: WebAssembly (without SIMD) runs a byte loop slowly.
+/// or `\` (flat-json's scan, eight bytes per step).
 fn needs_escape(b: &[u8]) -> bool {
     sluice_flat_json::first_special(b, 0) < b.len()
 }
@@ -690,16 +682,7 @@ fn needs_escape(b: &[u8]) -> bool {
 /// Whether raw JSON text holds a `\u` escape (possibly preceded by another backslash: a
 /// false hit only costs a full check).
 fn has_unicode_escape(b: &[u8]) -> bool {
-    // Most values hold no backslash at all: eight bytes per step to find that out.
-    let mut chunks = b.chunks_exact(8);
-    let found = chunks.any(|c| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(c);
-        has_zero_byte(u64::from_le_bytes(w) ^ (b'\\' as u64 * ONES))
-    });
-    if !found && !chunks.remainder().contains(&b'\\') {
-        return false;
-    }
+    // Only values the one-pass reader declined get here (see `value_limits`): a byte loop.
     let mut rest = b;
     while let Some(p) = rest.iter().position(|&c| c == b'\\') {
         if rest.get(p + 1) == Some(&b'u') {
