@@ -325,6 +325,29 @@ async fn auth_limits_and_error_statuses() -> Result<()> {
     let (s, v) = f.oversized_upload("big", 5 << 20, (4 << 20) + 1).await?;
     ensure!(s == StatusCode::PAYLOAD_TOO_LARGE, "{s} {v}");
     ensure!(v["error"]["code"] == "too_large", "{v}");
+    // The CLI's client (`sluice plugin push`) says so too, whether it got the 413 or the
+    // server closed the connection before the whole body was written.
+    let client = sluice::api::client::ApiClient::new(&f.url(""), Some(TOKEN.to_string()));
+    let pushed = client
+        .call(
+            Method::POST,
+            "/v1/plugins/big",
+            None,
+            Some((vec![0u8; 5 << 20], "application/wasm")),
+        )
+        .await;
+    match pushed {
+        Err(sluice::api::client::ClientError::Api { status, code, .. }) => {
+            ensure!(
+                status == StatusCode::PAYLOAD_TOO_LARGE && code == "too_large",
+                "{status} {code}"
+            )
+        }
+        Err(e @ sluice::api::client::ClientError::UploadCut { .. }) => {
+            ensure!(e.to_string().contains("upload limit"), "{e}")
+        }
+        other => bail!("an upload over the limit: {other:?}"),
+    }
     let (s, v) = f.upload("core", NOT_A_PLUGIN_WAT).await?;
     ensure!(s == StatusCode::UNPROCESSABLE_ENTITY, "{s} {v}");
     ensure!(

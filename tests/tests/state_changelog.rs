@@ -21,6 +21,7 @@ fn kafka_config(brokers: &str, topic: &str) -> KafkaConfig {
         start_offset: StartOffset::default(),
         instance_id: None,
         properties: BTreeMap::new(),
+        idle_fetch_pause_ms: 20,
     }
 }
 

@@ -8,6 +8,19 @@ use serde_json::Value;
 pub enum ClientError {
     #[error("cannot reach the sluice API at {url}: {message}")]
     Connect { url: String, message: String },
+    /// The server stopped reading an upload: it answers an upload over its limit (413) as soon
+    /// as it sees the declared length, and closes the connection before the client has
+    /// written the body, so the client sees a write error instead of that answer.
+    #[error(
+        "the sluice API at {url} closed the connection while {bytes} bytes were being uploaded \
+         ({message}): the usual cause is a file over the server's upload limit \
+         (`sluice run --max-upload-mb`, default 64)"
+    )]
+    UploadCut {
+        url: String,
+        bytes: usize,
+        message: String,
+    },
     /// The API answered with an error (its `{"error": {...}}` body, summarised).
     #[error("{status}: {code}: {message}")]
     Api {
@@ -48,7 +61,9 @@ impl ApiClient {
         if let Some(j) = json {
             req = req.json(j);
         }
+        let mut upload = 0;
         if let Some((bytes, content_type)) = raw {
+            upload = bytes.len();
             req = req
                 .header(reqwest::header::CONTENT_TYPE, content_type)
                 .body(bytes);
@@ -57,7 +72,18 @@ impl ApiClient {
             url: url.clone(),
             message: e.to_string(),
         };
-        let resp = req.send().await.map_err(connect)?;
+        let resp = req.send().await.map_err(|e| {
+            // Only a body the server could refuse for its size, on a server that was reached.
+            if upload > 1 << 20 && !e.is_connect() && !e.is_timeout() {
+                ClientError::UploadCut {
+                    url: url.clone(),
+                    bytes: upload,
+                    message: e.to_string(),
+                }
+            } else {
+                connect(e)
+            }
+        })?;
         let status = resp.status();
         let text = resp.text().await.map_err(connect)?;
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));

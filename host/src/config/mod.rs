@@ -74,6 +74,16 @@ pub struct KafkaConfig {
     /// Passed through to librdkafka unchanged (SASL, TLS, timeouts...).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Against a broker that answers fetches at the log end at once instead of holding them
+    /// (`fetch.wait.max.ms`), which sluice detects from librdkafka's statistics: how long a
+    /// caught-up partition pauses fetching between checks. The bound on the extra latency
+    /// when records come again. 0: never pause.
+    #[serde(default = "default_idle_fetch_pause_ms")]
+    pub idle_fetch_pause_ms: u64,
+}
+
+fn default_idle_fetch_pause_ms() -> u64 {
+    20
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

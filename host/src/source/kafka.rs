@@ -16,6 +16,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
+use super::idle::{self, FetchSpin};
 use crate::config::KafkaConfig;
 use crate::record::{Header, Origin};
 use crate::stage::PartitionKey;
@@ -110,9 +111,23 @@ pub struct SourceContext {
     events: mpsc::UnboundedSender<RebalanceEvent>,
     group: String,
     ownership: Arc<Ownership>,
+    spin: Arc<FetchSpin>,
+    idle_pause: Duration,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        if let Some(rate) = self.spin.observe(statistics, std::time::Instant::now()) {
+            tracing::info!(
+                group = %self.group,
+                "the broker answers fetches at the log end at once ({rate:.0} fetch requests/s): \
+                 when caught up, partitions pause fetching for {} ms between checks \
+                 (kafka.idle_fetch_pause_ms)",
+                self.idle_pause.as_millis()
+            );
+        }
+    }
+}
 
 fn keys(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
     tpl.elements()
@@ -246,14 +261,26 @@ impl KafkaSource {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", cfg.start_offset.as_librdkafka());
+        let idle_pause = Duration::from_millis(cfg.idle_fetch_pause_ms);
+        // The statistics are how a fetch spin is seen (`idle`).
+        if !idle_pause.is_zero() && !cfg.properties.contains_key("statistics.interval.ms") {
+            c.set("statistics.interval.ms", "1000");
+        }
         let ownership = Arc::new(Ownership::default());
-        let consumer: SluiceConsumer = c
+        let spin = Arc::new(FetchSpin::starting_at(std::time::Instant::now()));
+        let consumer: Arc<SluiceConsumer> = c
             .create_with_context(SourceContext {
                 events: tx,
                 group: cfg.group_id.clone(),
                 ownership: ownership.clone(),
+                spin: spin.clone(),
+                idle_pause,
             })
+            .map(Arc::new)
             .map_err(|e| SourceError::Create(e.to_string()))?;
+        if !idle_pause.is_zero() {
+            idle::spawn_governor(Arc::downgrade(&consumer), spin, idle_pause);
+        }
         let mut all = cfg.topics.clone();
         all.extend(
             side_topics
@@ -270,7 +297,7 @@ impl KafkaSource {
             })?;
         Ok((
             Self {
-                consumer: Arc::new(consumer),
+                consumer,
                 topics: std::sync::Mutex::new(Vec::new()),
                 last_warning: std::sync::Mutex::new(None),
                 ownership,
@@ -401,6 +428,37 @@ impl KafkaSource {
             consumer: self.consumer.clone(),
         }
     }
+}
+
+/// The low and high watermarks librdkafka last saw for a partition (`None`: not known yet).
+/// The high one comes with every fetch response, even one dropped after a pause.
+pub(super) fn cached_watermarks(
+    consumer: &SluiceConsumer,
+    topic: &str,
+    partition: i32,
+) -> (Option<i64>, Option<i64>) {
+    let Ok(topic) = std::ffi::CString::new(topic) else {
+        return (None, None);
+    };
+    let (mut low, mut high) = (-1i64, -1i64);
+    // rdkafka has no safe wrapper for the cached offsets (`fetch_watermarks` asks the broker).
+    // SAFETY: the client pointer is valid while `consumer` lives; the call reads two offsets
+    // under librdkafka's own lock into the two locals, and runs no callbacks.
+    #[allow(unsafe_code)]
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        return (None, None);
+    }
+    let known = |o: i64| (o >= 0).then_some(o);
+    (known(low), known(high))
 }
 
 /// Commits offsets synchronously (on a blocking thread): the journal entry of a batch is only

@@ -1,4 +1,5 @@
 //! Sources: where records come from.
 
+pub mod idle;
 pub mod kafka;
 pub mod rewind;
