@@ -526,3 +526,65 @@ async fn e2e_one_topic_feeds_two_tables() -> Result<()> {
     f.check_dead_letters().await?;
     Ok(())
 }
+
+/// Records produced after the pipeline has been caught up and idle for a while land exactly
+/// once. Against a broker that answers fetches at the log end at once (noida-db), sluice keeps
+/// caught-up partitions paused between looks (`kafka.idle_fetch_pause_ms`): this is the path
+/// from paused back to fetching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_records_after_an_idle_spell_land_once() -> Result<()> {
+    let all = transactions(&TransactionSpec {
+        count: 4_000,
+        malformed_every: 0,
+        ..Default::default()
+    });
+    let mut f = Fixture::new(
+        2,
+        1000,
+        TransactionSpec {
+            count: 2_000,
+            malformed_every: 0,
+            ..Default::default()
+        },
+    )
+    .await?;
+    ensure!(
+        f.events
+            .iter()
+            .zip(&all)
+            .all(|(a, b)| a.id == b.id && a.value == b.value),
+        "the first wave is a prefix of the events generated for both"
+    );
+    let mut p = SluiceProcess::run(&f.config, &f.log(0))?;
+    f.wait_rows(&mut p, 2_000, Duration::from_secs(120)).await?;
+    // Idle: long enough for the statistics to show a fetch spin and for many pause cycles.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if f.kafka.kind == BrokerKind::Noida {
+        let log = p.log_text();
+        ensure!(
+            log.contains("answers fetches at the log end at once"),
+            "no fetch spin seen on noida-db:\n{}",
+            p.log_tail()
+        );
+    }
+    let wave = &all[2_000..];
+    let positions = produce(
+        &f.kafka.brokers,
+        &f.topic,
+        wave.iter()
+            .map(|e| TestRecord::new(e.value.clone()).key(e.key.clone())),
+    )
+    .await?;
+    f.events.extend(wave.iter().cloned());
+    f.positions.extend(positions);
+    f.wait_rows(&mut p, 4_000, Duration::from_secs(120)).await?;
+    f.check_offsets().await?;
+    let status = p.terminate(Duration::from_secs(30))?;
+    ensure!(
+        status.success(),
+        "sluice exited with {status}\n{}",
+        p.log_tail()
+    );
+    f.check_rows().await?;
+    Ok(())
+}
