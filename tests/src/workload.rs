@@ -119,9 +119,10 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Broken records of several kinds, so every error path is exercised.
-fn malformed(i: usize) -> Vec<u8> {
-    match i % 4 {
+/// Broken records of several kinds, so every error path is exercised: the `n`th broken record
+/// of the stream (not its index, which for every-Nth records would pick one kind only).
+fn malformed(i: usize, n: usize) -> Vec<u8> {
+    match n % 4 {
         0 => format!("{{\"id\":\"tx-{i:07}\",\"user_id\":").into_bytes(), // truncated JSON
         1 => format!("{{\"id\":\"tx-{i:07}\",\"amount\":\"1.00\",\"currency\":\"EUR\",\"ts\":1}}")
             .into_bytes(), // user_id missing
@@ -141,7 +142,7 @@ pub fn transactions(spec: &TransactionSpec) -> Vec<Event> {
         if spec.malformed_every > 0 && i % spec.malformed_every == spec.malformed_every - 1 {
             out.push(Event {
                 key: format!("tx-{i:07}"),
-                value: malformed(i),
+                value: malformed(i, i / spec.malformed_every),
                 id: format!("tx-{i:07}"),
                 malformed: true,
                 duplicate: false,
@@ -295,6 +296,18 @@ mod tests {
         assert_eq!(a.len(), 1000);
         assert_eq!(a.iter().filter(|e| e.malformed).count(), 10);
         assert!(a.iter().zip(&b).all(|(x, y)| x.value == y.value));
+        // Every kind of broken record occurs, not just the one `index % 4` would pick.
+        let kinds: std::collections::BTreeSet<u8> = a
+            .iter()
+            .filter(|e| e.malformed)
+            .map(|e| match std::str::from_utf8(&e.value) {
+                Err(_) => 0,
+                Ok(v) if !v.ends_with('}') => 1,
+                Ok(v) if !v.contains("user_id") => 2,
+                Ok(_) => 3,
+            })
+            .collect();
+        assert_eq!(kinds.len(), 4, "{kinds:?}");
     }
 
     #[test]
