@@ -129,6 +129,15 @@ impl SluiceProcess {
         }
     }
 
+    /// SIGTERM, and fails unless the process exits cleanly (exit code 0) in time, with its log.
+    pub fn stop_cleanly(&mut self, timeout: Duration) -> Result<()> {
+        let status = self.terminate(timeout)?;
+        if !status.success() {
+            bail!("sluice exited with {status}\n{}", self.log_tail());
+        }
+        Ok(())
+    }
+
     /// Fails if the process has exited (with its log).
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(c) = self.child.as_mut() {

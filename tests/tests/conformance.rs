@@ -803,12 +803,9 @@ state:
         malformed.len()
     );
 
-    let status = sluice.terminate(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "{lang}: sluice exited with {status}\n{}",
-        sluice.log_tail()
-    );
+    sluice
+        .stop_cleanly(Duration::from_secs(30))
+        .with_context(|| format!("{lang}: stopping sluice"))?;
     Ok(())
 }
 

@@ -454,12 +454,7 @@ async fn e2e_dedup_enrich_join_reference_workload() -> Result<()> {
         .await?;
     r.check_rows().await?;
     r.check_dead_letters().await?;
-    let status = p.terminate(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "sluice exited with {status}\n{}",
-        p.log_tail()
-    );
+    p.stop_cleanly(Duration::from_secs(30))?;
     let log = p.log_text();
     ensure!(!log.contains("panicked"), "{}", p.log_tail());
     Ok(())

@@ -47,16 +47,6 @@ impl Fixture {
         );
         ch_execute(&ch.url, &ddl).await?;
 
-        let events = transactions(&spec);
-        let positions = produce(
-            &kafka.brokers,
-            &topic,
-            events
-                .iter()
-                .map(|e| TestRecord::new(e.value.clone()).key(e.key.clone())),
-        )
-        .await?;
-
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("pipeline.yaml");
         std::fs::write(
@@ -96,7 +86,7 @@ state:
                 state = dir.path().join("state").display(),
             ),
         )?;
-        Ok(Self {
+        let mut f = Self {
             kafka,
             ch,
             topic,
@@ -105,9 +95,26 @@ state:
             table,
             dir,
             config,
-            events,
-            positions,
-        })
+            events: Vec::new(),
+            positions: Vec::new(),
+        };
+        f.produce(&transactions(&spec)).await?;
+        Ok(f)
+    }
+
+    /// Produces `events` to the topic, in order, and remembers them and where they landed.
+    async fn produce(&mut self, events: &[Event]) -> Result<()> {
+        let positions = produce(
+            &self.kafka.brokers,
+            &self.topic,
+            events
+                .iter()
+                .map(|e| TestRecord::new(e.value.clone()).key(e.key.clone())),
+        )
+        .await?;
+        self.events.extend_from_slice(events);
+        self.positions.extend(positions);
+        Ok(())
     }
 
     fn log(&self, n: usize) -> PathBuf {
@@ -356,12 +363,7 @@ async fn e2e_10k_events_land_once_and_malformed_go_to_dead_letters() -> Result<(
     f.wait_rows(&mut p, 9_900, Duration::from_secs(180)).await?;
     f.check_dead_letters().await?;
     f.check_offsets().await?;
-    let status = p.terminate(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "sluice exited with {status}\n{}",
-        p.log_tail()
-    );
+    p.stop_cleanly(Duration::from_secs(30))?;
     // Nothing more arrived after the stop either.
     f.check_rows().await?;
     Ok(())
@@ -567,24 +569,10 @@ async fn e2e_records_after_an_idle_spell_land_once() -> Result<()> {
             p.log_tail()
         );
     }
-    let wave = &all[2_000..];
-    let positions = produce(
-        &f.kafka.brokers,
-        &f.topic,
-        wave.iter()
-            .map(|e| TestRecord::new(e.value.clone()).key(e.key.clone())),
-    )
-    .await?;
-    f.events.extend(wave.iter().cloned());
-    f.positions.extend(positions);
+    f.produce(&all[2_000..]).await?;
     f.wait_rows(&mut p, 4_000, Duration::from_secs(120)).await?;
     f.check_offsets().await?;
-    let status = p.terminate(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "sluice exited with {status}\n{}",
-        p.log_tail()
-    );
+    p.stop_cleanly(Duration::from_secs(30))?;
     f.check_rows().await?;
     Ok(())
 }

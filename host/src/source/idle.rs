@@ -18,7 +18,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 
-use super::kafka::{cached_watermarks, SluiceConsumer};
+use super::kafka::SluiceConsumer;
 
 /// Fetch requests per second to one broker above which it is taken not to hold fetches.
 /// A long-polling broker sees ~2 per second from an idle consumer; a busy one sees one per
@@ -221,6 +221,37 @@ fn caught_up_partitions(
         }
     }
     idle
+}
+
+/// The low and high watermarks librdkafka last saw for a partition (`None`: not known yet).
+/// The high one comes with every fetch response, even one dropped after a pause.
+fn cached_watermarks(
+    consumer: &SluiceConsumer,
+    topic: &str,
+    partition: i32,
+) -> (Option<i64>, Option<i64>) {
+    let Ok(topic) = std::ffi::CString::new(topic) else {
+        return (None, None);
+    };
+    let (mut low, mut high) = (-1i64, -1i64);
+    // rdkafka has no safe wrapper for the cached offsets (`fetch_watermarks` asks the broker).
+    // SAFETY: the client pointer is valid while `consumer` lives; the call reads two offsets
+    // under librdkafka's own lock into the two locals, and runs no callbacks.
+    #[allow(unsafe_code)]
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        return (None, None);
+    }
+    let known = |o: i64| (o >= 0).then_some(o);
+    (known(low), known(high))
 }
 
 #[cfg(test)]
