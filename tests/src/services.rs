@@ -502,7 +502,20 @@ pub async fn consume_all(
 ) -> anyhow::Result<Vec<ConsumedRecord>> {
     let brokers = brokers.to_string();
     let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, None, timeout)).await?
+    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, None, timeout, true)).await?
+}
+
+/// As [`consume_all`], but also the records of open and aborted transactions
+/// (`isolation.level=read_uncommitted`): tells a transaction the broker never committed from
+/// records that were never written.
+pub async fn consume_all_uncommitted(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<ConsumedRecord>> {
+    let brokers = brokers.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, None, timeout, false)).await?
 }
 
 /// Reads `topic` from the beginning, without a consumer group, until `n` records were read
@@ -515,7 +528,8 @@ pub async fn consume_n(
 ) -> anyhow::Result<Vec<ConsumedRecord>> {
     let brokers = brokers.to_string();
     let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, Some(n), timeout)).await?
+    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, Some(n), timeout, true))
+        .await?
 }
 
 /// How long [`consume_all`] waits for more records once it reached the start watermarks.
@@ -526,11 +540,20 @@ fn read_topic(
     topic: &str,
     want: Option<usize>,
     timeout: Duration,
+    committed: bool,
 ) -> anyhow::Result<Vec<ConsumedRecord>> {
     let deadline = Instant::now() + timeout;
     let consumer: BaseConsumer = consumer_config(brokers, &unique_name("sluice_tests_reader"))
         // Short broker-side waits: the quiet period then spans many fetch round trips.
         .set("fetch.wait.max.ms", "100")
+        .set(
+            "isolation.level",
+            if committed {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        )
         .create()
         .context("creating a Kafka consumer")?;
     let mut behind: BTreeMap<i32, i64> = BTreeMap::new(); // partition -> start high watermark
