@@ -448,6 +448,43 @@ async fn e2e_crash_at_each_point_of_the_batch_cycle() -> Result<()> {
     Ok(())
 }
 
+/// Records the consumer hands over a second time in one assignment (librdkafka does so when a
+/// partition is paused while a message is being handed over, which the idle fetch governor
+/// makes possible) are skipped, not inserted again under another batch's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_records_delivered_again_by_the_consumer_land_once() -> Result<()> {
+    use sluice::fault;
+    let f = Fixture::new(2, 400, spec()).await?;
+    let config = f.config.to_string_lossy().into_owned();
+    let mut p = SluiceProcess::spawn_with_env(
+        &["run", "-c", &config],
+        &[
+            ("SLUICE_FAULT_POINT", fault::REDELIVER),
+            ("SLUICE_FAULT_AFTER", "3"),
+        ],
+        &f.log(0),
+    )?;
+    f.wait_rows(&mut p, 9_900, Duration::from_secs(120)).await?;
+    f.check_offsets().await?;
+    // Time for a duplicate insert to show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.stop_cleanly(Duration::from_secs(30))?;
+    f.check_rows().await?;
+    f.check_dead_letters().await?;
+    let log = p.log_text();
+    ensure!(
+        log.contains("fault injection:") && log.contains("sought back to"),
+        "the consumer never sought back:\n{}",
+        p.log_tail()
+    );
+    ensure!(
+        log.contains("delivered records again that were already taken"),
+        "no re-delivery was recognised:\n{}",
+        p.log_tail()
+    );
+    Ok(())
+}
+
 /// One topic feeding two tables: the plugin routes refunds to their own table; the writer
 /// batches per table (each with its own deduplication token) and every valid event lands in
 /// exactly one of them.

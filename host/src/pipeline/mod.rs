@@ -212,6 +212,11 @@ impl Pipeline {
         // first rows are visible quickly, then they grow to the configured size.
         let mut sealed_count: HashMap<PartitionKey, u32> = HashMap::new();
         let mut journals: HashMap<PartitionKey, PartitionJournal> = HashMap::new();
+        // Per partition, the offset after the last record taken since it was assigned: a
+        // record below it is a re-delivery. librdkafka re-delivers when a partition is paused
+        // (the idle fetch governor does) while a message is being handed to the application:
+        // the pause saves the position before that message, and the resume fetches it again.
+        let mut taken: HashMap<PartitionKey, i64> = HashMap::new();
         // With a changelog: partition numbers whose state this run restored since they were
         // last assigned, and numbers revoked since the last assignment (to forget if they
         // did not come back).
@@ -246,6 +251,7 @@ impl Pipeline {
                                 accs.remove(&pk);
                                 sealed_count.remove(&pk);
                                 journals.remove(&pk);
+                                taken.remove(&pk);
                                 // Someone else may write its state before it comes back.
                                 if held.remove(&pk.partition) {
                                     dropped.insert(pk.partition);
@@ -303,6 +309,7 @@ impl Pipeline {
                     Stats::add(&self.stats.consumed, chunk.len() as u64);
                     // Consecutive records mostly share a partition: its key is built once.
                     let mut current: Option<PartitionKey> = None;
+                    let mut again: Vec<(PartitionKey, i64)> = Vec::new();
                     for origin in chunk {
                         if current.as_ref().is_none_or(|pk| {
                             pk.partition != origin.partition || pk.topic.as_str() != &*origin.topic
@@ -360,6 +367,17 @@ impl Pipeline {
                             Stats::add(&self.stats.skipped_records, 1);
                             continue;
                         }
+                        match taken.get_mut(pk) {
+                            Some(next) if origin.offset < *next => {
+                                Stats::add(&self.stats.skipped_records, 1);
+                                again.push((pk.clone(), origin.offset));
+                                continue;
+                            }
+                            Some(next) => *next = origin.offset + 1,
+                            None => {
+                                taken.insert(pk.clone(), origin.offset + 1);
+                            }
+                        }
                         let acc = match accs.get_mut(pk) {
                             Some(acc) => acc,
                             None => accs.entry(pk.clone()).or_insert_with(|| {
@@ -376,6 +394,10 @@ impl Pipeline {
                                 }
                             }
                         }
+                    }
+                    if let (Some((pk, first)), Some((_, last))) = (again.first(), again.last()) {
+                        tracing::info!(partition = %pk, first, last, records = again.len(),
+                            "the consumer delivered records again that were already taken; skipped them");
                     }
                 }
             }

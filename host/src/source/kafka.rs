@@ -373,6 +373,19 @@ impl KafkaSource {
                 headers: copy_headers(m),
             });
         }
+        drop(messages);
+        if let Some(o) = out.first() {
+            if crate::fault::hit(crate::fault::REDELIVER) {
+                let at = Offset::Offset(o.offset);
+                let seek = self
+                    .consumer
+                    .seek(&o.topic, o.partition, at, Duration::from_secs(5));
+                eprintln!(
+                    "sluice: fault injection: {} [{}] sought back to {} ({seek:?})",
+                    o.topic, o.partition, o.offset
+                );
+            }
+        }
         Ok(out)
     }
 

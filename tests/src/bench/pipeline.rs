@@ -225,6 +225,41 @@ pub async fn ch_count(ch: &clickhouse::Client, table: &str) -> Result<u64> {
         .with_context(|| format!("count rows of {table}"))
 }
 
+/// Why `table` has more rows than expected: the same source record inserted twice (sluice's
+/// fault), or more records in the topic than the producer counted (a producer retry the broker
+/// wrote twice: distinct offsets, repeated ids).
+async fn too_many_rows(ch: &clickhouse::Client, table: &str, n: u64, expected: u64) -> String {
+    let q =
+        format!("SELECT uniqExact(source_partition, source_offset), uniqExact(id) FROM {table}");
+    match ch.query(&q).fetch_one::<(u64, u64)>().await {
+        Ok((positions, ids)) if positions == n => format!(
+            "{table} has {n} rows, expected {expected}, but no source record twice ({positions} \
+             distinct offsets, {ids} distinct ids): the topic holds more records than the \
+             producer counted"
+        ),
+        Ok((positions, ids)) => {
+            let q = format!(
+                "SELECT concat(toString(source_partition), '/', toString(source_offset), ' in ', \
+                 arrayStringConcat(groupArray(_part), ' and ')) FROM {table} \
+                 GROUP BY source_partition, source_offset HAVING count() > 1 \
+                 ORDER BY source_partition, source_offset LIMIT 10"
+            );
+            let twice = ch
+                .query(&q)
+                .fetch_all::<String>()
+                .await
+                .map(|v| v.join("; "))
+                .unwrap_or_else(|e| e.to_string());
+            format!(
+                "{table} has {n} rows, expected {expected}: duplicates ({positions} distinct \
+                 source offsets, {ids} distinct ids; (partition, offset, parts) inserted more \
+                 than once (partition/offset in parts): {twice})"
+            )
+        }
+        Err(e) => format!("{table} has {n} rows, expected {expected}: duplicates ({e})"),
+    }
+}
+
 /// Seconds from start until the first and until all `expected` rows were visible, with the
 /// processes' usage sampled at the moment all rows were seen.
 #[derive(Debug, Clone)]
@@ -283,7 +318,7 @@ pub async fn wait_visible_or_stall(
         }
         if n >= expected {
             if n > expected {
-                bail!("{table} has {n} rows, expected {expected}: duplicates");
+                bail!("{}", too_many_rows(ch, table, n, expected).await);
             }
             return Ok(Visibility {
                 first_row_s: first.unwrap_or(t),
