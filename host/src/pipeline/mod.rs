@@ -499,8 +499,8 @@ fn worker_exit(r: Result<Result<(), PipelineError>, tokio::task::JoinError>) -> 
     }
 }
 
-/// Processes work items one at a time, in order (per-partition order is what commits need;
-/// one worker keeps it simple and deterministic).
+/// Processes work items in order (per-partition order is what commits need; one worker keeps
+/// it simple and deterministic), overlapping one batch's delivery with the next one's stages.
 struct Worker {
     pipeline: String,
     cfg: LoadedConfig,
@@ -516,6 +516,21 @@ struct Worker {
     ownership: Arc<Ownership>,
     changelog: Option<Arc<Changelog>>,
 }
+
+/// A batch fixed in the journal, ready for steps 3 to 6.
+struct Prepared {
+    partition: PartitionKey,
+    first: i64,
+    last: i64,
+    outbox: Outbox,
+    /// Its dead letters went out with its changelog transaction.
+    dead_letters_sent: bool,
+    /// Kafka timestamps of its records, for the end-to-end latency (none for a recovered one).
+    timestamps: Vec<i64>,
+}
+
+type Delivery<'w> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PipelineError>> + Send + 'w>>;
 
 /// How long an offset commit is retried before the run gives up on it.
 const COMMIT_PATIENCE: Duration = Duration::from_secs(300);
@@ -550,12 +565,24 @@ impl Worker {
         mut rx: mpsc::Receiver<WorkItem>,
         mut control: mpsc::Receiver<Control>,
     ) -> Result<(), PipelineError> {
+        // The delivery (insert, dead letters, commit) of the last prepared batch. The next
+        // batch's stages run while it is in flight; that batch is fixed in the journal only
+        // once it is done, so at most one batch is ever between journal and commit.
+        let mut delivering: Option<Delivery<'_>> = None;
         loop {
-            // Control first: a swap requested while a batch was running applies to the next.
+            // Control first: a swap requested while a batch was running applies to the next
+            // one prepared (no stage is in use here: a delivery does not touch them).
             let item = tokio::select! {
                 biased;
                 Some(c) = control.recv() => {
                     self.control(c);
+                    continue;
+                }
+                Some(done) = futures::future::OptionFuture::from(delivering.as_mut()),
+                    if delivering.is_some() =>
+                {
+                    delivering = None;
+                    done?;
                     continue;
                 }
                 item = rx.recv() => item,
@@ -563,8 +590,29 @@ impl Worker {
             let Some(item) = item else { break };
             match item {
                 WorkItem::Batch(b) => {
-                    if self.still_owned(&b.partition, b.epoch) {
-                        self.process(b).await?
+                    if !self.still_owned(&b.partition, b.epoch) {
+                        continue;
+                    }
+                    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                    let prepared = match delivering.take() {
+                        None => {
+                            let _ = done_tx.send(true);
+                            self.prepare(b, done_rx).await?
+                        }
+                        Some(previous) => {
+                            let previous = async move {
+                                let r = previous.await;
+                                let _ = done_tx.send(r.is_ok());
+                                r
+                            };
+                            let (delivered, prepared) =
+                                tokio::join!(previous, self.prepare(b, done_rx));
+                            delivered?;
+                            prepared?
+                        }
+                    };
+                    if let Some(p) = prepared {
+                        delivering = Some(Box::pin(self.deliver(p)));
                     }
                 }
                 WorkItem::Recover {
@@ -575,10 +623,22 @@ impl Worker {
                     dead_letters_sent,
                     epoch,
                 } => {
+                    if let Some(d) = delivering.take() {
+                        d.await?;
+                    }
                     if self.still_owned(&partition, epoch) {
-                        let sent = dead_letters_sent;
-                        self.deliver(&partition, first, last, outbox, sent, Vec::new())
-                            .await?
+                        if let Ok(mut l) = self.live.lock() {
+                            l.positions.insert(partition.clone(), last + 1);
+                        }
+                        self.deliver(Prepared {
+                            partition,
+                            first,
+                            last,
+                            outbox,
+                            dead_letters_sent,
+                            timestamps: Vec::new(),
+                        })
+                        .await?
                     }
                 }
                 WorkItem::Ownership {
@@ -586,9 +646,21 @@ impl Worker {
                     lost,
                     reply,
                 } => {
+                    // Between batches: the last one is committed before state moves.
+                    if let Some(d) = delivering.take() {
+                        if let Err(e) = d.await {
+                            let _ = reply.send(Err(PipelineError::Worker(
+                                "the last batch before the rebalance failed".into(),
+                            )));
+                            return Err(e);
+                        }
+                    }
                     let _ = reply.send(self.change_ownership(gained, lost).await);
                 }
             }
+        }
+        if let Some(d) = delivering {
+            d.await?;
         }
         Ok(())
     }
@@ -738,8 +810,15 @@ impl Worker {
             .map_err(|e| PipelineError::Worker(e.to_string()))
     }
 
-    /// Steps 1 and 2: run the stages, encode, and fix the batch in the journal.
-    async fn process(&self, batch: SealedBatch) -> Result<(), PipelineError> {
+    /// Steps 1 and 2: run the stages, encode, and fix the batch in the journal. The stages may
+    /// run while the previous batch is still being delivered; the journal is touched only once
+    /// `previous_done` says that delivery succeeded (`None`: it failed, nothing is kept, the
+    /// run ends with its error).
+    async fn prepare(
+        &self,
+        batch: SealedBatch,
+        previous_done: tokio::sync::oneshot::Receiver<bool>,
+    ) -> Result<Option<Prepared>, PipelineError> {
         let pk = batch.partition.clone();
         let (first, last) = (batch.first, batch.last);
         let ctx = BatchContext {
@@ -774,6 +853,8 @@ impl Worker {
                 .lock()
                 .map_err(|_| PipelineError::Worker("a stage panicked earlier".into()))?;
             let mut txn = state.txn();
+            // The previous batch may still be in flight: its insert and commit do not touch
+            // stage state, which its journal write already made durable.
             let mut records = records;
             let mut dead: Vec<DeadLetter> = Vec::new();
             let start = side_stage.unwrap_or(0);
@@ -812,12 +893,18 @@ impl Worker {
                     .collect(),
                 dead_letters: dead,
             };
+            let plugins = Self::plugin_refs(&mut stages);
+            // A swap may apply once the stages are done with this batch.
+            drop(stages);
             let encoded = outbox.encode();
+            if !previous_done.blocking_recv().unwrap_or(false) {
+                return Ok(None);
+            }
             let mut journal = state.journal(&ctx.partition)?;
             journal.pending = Some(PendingBatch {
                 first,
                 last,
-                plugins: Self::plugin_refs(&mut stages),
+                plugins,
                 dead_letters_sent: changelog.is_some(),
             });
             // With a changelog, the batch is published there first (with its dead letters):
@@ -871,12 +958,21 @@ impl Worker {
         })
         .await??;
         let Some(outbox) = outbox else {
-            return Ok(());
+            return Ok(None);
         };
         fault::point(fault::AFTER_BEGIN);
-        let sent = self.changelog.is_some();
-        self.deliver(&pk, first, last, outbox, sent, timestamps)
-            .await
+        // Where a plugin swapped from now on applies (`SwapApplied::from_offsets`).
+        if let Ok(mut l) = self.live.lock() {
+            l.positions.insert(pk.clone(), last + 1);
+        }
+        Ok(Some(Prepared {
+            partition: pk,
+            first,
+            last,
+            outbox,
+            dead_letters_sent: self.changelog.is_some(),
+            timestamps,
+        }))
     }
 
     /// The batch's commit as one transaction with its dead letters (no changelog): both
@@ -920,15 +1016,16 @@ impl Worker {
     }
 
     /// Steps 3 to 6, for a fresh batch or one recovered from the journal.
-    async fn deliver(
-        &self,
-        pk: &PartitionKey,
-        first: i64,
-        last: i64,
-        outbox: Outbox,
-        dead_letters_sent: bool,
-        timestamps: Vec<i64>,
-    ) -> Result<(), PipelineError> {
+    async fn deliver(&self, batch: Prepared) -> Result<(), PipelineError> {
+        let Prepared {
+            partition,
+            first,
+            last,
+            outbox,
+            dead_letters_sent,
+            timestamps,
+        } = batch;
+        let pk = &partition;
         let p = self.pipeline.as_str();
         for (table, rows, data) in outbox.tables {
             let token = dedup_token(&self.pipeline, &pk.topic, pk.partition, first, last, &table);
@@ -1040,9 +1137,6 @@ impl Worker {
         Self::blocking(move || state.complete_batch(&key, last)).await??;
         Stats::add(&self.stats.batches, 1);
         METRICS.batches.with_label_values(&[p]).inc();
-        if let Ok(mut l) = self.live.lock() {
-            l.positions.insert(pk.clone(), last + 1);
-        }
         Ok(())
     }
 }
