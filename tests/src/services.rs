@@ -500,9 +500,7 @@ pub async fn consume_all(
     topic: &str,
     timeout: Duration,
 ) -> anyhow::Result<Vec<ConsumedRecord>> {
-    let brokers = brokers.to_string();
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, None, timeout, true)).await?
+    read_in_background(brokers, topic, None, timeout, true).await
 }
 
 /// As [`consume_all`], but also the records of open and aborted transactions
@@ -513,9 +511,7 @@ pub async fn consume_all_uncommitted(
     topic: &str,
     timeout: Duration,
 ) -> anyhow::Result<Vec<ConsumedRecord>> {
-    let brokers = brokers.to_string();
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, None, timeout, false)).await?
+    read_in_background(brokers, topic, None, timeout, false).await
 }
 
 /// Reads `topic` from the beginning, without a consumer group, until `n` records were read
@@ -526,9 +522,20 @@ pub async fn consume_n(
     n: usize,
     timeout: Duration,
 ) -> anyhow::Result<Vec<ConsumedRecord>> {
+    read_in_background(brokers, topic, Some(n), timeout, true).await
+}
+
+/// [`read_topic`] on a blocking thread.
+async fn read_in_background(
+    brokers: &str,
+    topic: &str,
+    want: Option<usize>,
+    timeout: Duration,
+    committed: bool,
+) -> anyhow::Result<Vec<ConsumedRecord>> {
     let brokers = brokers.to_string();
     let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, Some(n), timeout, true))
+    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, want, timeout, committed))
         .await?
 }
 
