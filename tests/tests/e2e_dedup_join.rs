@@ -776,6 +776,7 @@ async fn e2e_join_lookup_follows_the_changelog_and_tombstones() -> Result<()> {
     let order = |id: &str, u: u64| {
         TestRecord::new(serde_json::to_vec(&json!({"id": id, "user_id": u})).unwrap_or_default())
     };
+    let before = env.count().await?;
     produce(
         &env.kafka.brokers,
         &orders,
@@ -789,7 +790,8 @@ async fn e2e_join_lookup_follows_the_changelog_and_tombstones() -> Result<()> {
     .await?;
     // Records of the two topics that arrive within one batch age may be processed in either
     // order: the update must come after o1..o4 were processed.
-    wait_for_ids(&env, &["o1", "o2", "o3", "o4"]).await?;
+    env.wait_rows(&mut p, before + 4, Duration::from_secs(30))
+        .await?;
     // Update 3, delete 2 (after: once the delete is seen, so is the update).
     produce(
         &env.kafka.brokers,
@@ -847,35 +849,6 @@ async fn e2e_join_lookup_follows_the_changelog_and_tombstones() -> Result<()> {
 }
 
 /// Produces probe orders for `user` until one lands in the table with `user_name == want`.
-/// Waits (up to 30 s) until rows with all of `ids` are in the table.
-async fn wait_for_ids(env: &Env, ids: &[&str]) -> Result<()> {
-    let list = ids
-        .iter()
-        .map(|id| format!("'{id}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = query_rows_json(
-            &env.ch.url,
-            &format!(
-                "SELECT uniqExact(id) AS n FROM default.{} WHERE id IN ({list})",
-                env.table
-            ),
-        )
-        .await?;
-        let n = rows.first().map_or(Ok(0), |r| num(&r["n"]))?;
-        if n >= ids.len() as i64 {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "only {n} of {list} arrived in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn probe_until(
     env: &Env,
     orders: &str,

@@ -37,7 +37,7 @@ use crate::sink::clickhouse::writer::{dedup_token, ClickHouseSink, SinkError};
 use crate::source::kafka::{Committer, KafkaSource, Ownership, RebalanceEvent, SourceError};
 use crate::stage::{BatchContext, PartitionKey, Stage, StageError};
 use crate::state::changelog::{Changelog, ChangelogError};
-use crate::state::{Outbox, PartitionJournal, PendingBatch, StateError, StateStore};
+use crate::state::{Outbox, PendingBatch, StateError, StateStore};
 use batch::{Accumulator, SealedBatch};
 use control::{Control, Live, SwapApplied};
 
@@ -211,12 +211,8 @@ impl Pipeline {
         // Batches sealed per partition since it was assigned: the first ones are small so the
         // first rows are visible quickly, then they grow to the configured size.
         let mut sealed_count: HashMap<PartitionKey, u32> = HashMap::new();
-        let mut journals: HashMap<PartitionKey, PartitionJournal> = HashMap::new();
-        // Per partition, the offset after the last record taken since it was assigned: a
-        // record below it is a re-delivery. librdkafka re-delivers when a partition is paused
-        // (the idle fetch governor does) while a message is being handed to the application:
-        // the pause saves the position before that message, and the resume fetches it again.
-        let mut taken: HashMap<PartitionKey, i64> = HashMap::new();
+        // Per partition, since it was assigned: which records to skip.
+        let mut progress: HashMap<PartitionKey, Progress> = HashMap::new();
         // With a changelog: partition numbers whose state this run restored since they were
         // last assigned, and numbers revoked since the last assignment (to forget if they
         // did not come back).
@@ -250,8 +246,7 @@ impl Pipeline {
                                 // Not committed: the next owner consumes it again.
                                 accs.remove(&pk);
                                 sealed_count.remove(&pk);
-                                journals.remove(&pk);
-                                taken.remove(&pk);
+                                progress.remove(&pk);
                                 // Someone else may write its state before it comes back.
                                 if held.remove(&pk.partition) {
                                     dropped.insert(pk.partition);
@@ -331,7 +326,7 @@ impl Pipeline {
                                 }
                             }
                         }
-                        if !journals.contains_key(pk) {
+                        if !progress.contains_key(pk) {
                             // First record of this partition since it was assigned: finish the
                             // batch a previous run left in flight before anything else.
                             let mut j = self.state.journal(pk)?;
@@ -359,25 +354,20 @@ impl Pipeline {
                                 }
                                 j.pending = None;
                             }
-                            journals.insert(pk.clone(), j);
+                            progress.insert(pk.clone(), Progress { delivered_below: j.next_offset, taken_below: None });
                         }
-                        let Some(journal) = journals.get(pk) else { continue };
-                        if journal.next_offset.is_some_and(|n| origin.offset < n) {
+                        let Some(seen) = progress.get_mut(pk) else { continue };
+                        if seen.delivered_below.is_some_and(|n| origin.offset < n) {
                             // Already in ClickHouse (the group's offset was behind the journal).
                             Stats::add(&self.stats.skipped_records, 1);
                             continue;
                         }
-                        match taken.get_mut(pk) {
-                            Some(next) if origin.offset < *next => {
-                                Stats::add(&self.stats.skipped_records, 1);
-                                again.push((pk.clone(), origin.offset));
-                                continue;
-                            }
-                            Some(next) => *next = origin.offset + 1,
-                            None => {
-                                taken.insert(pk.clone(), origin.offset + 1);
-                            }
+                        if seen.taken_below.is_some_and(|n| origin.offset < n) {
+                            Stats::add(&self.stats.skipped_records, 1);
+                            again.push((pk.clone(), origin.offset));
+                            continue;
                         }
+                        seen.taken_below = Some(origin.offset + 1);
                         let acc = match accs.get_mut(pk) {
                             Some(acc) => acc,
                             None => accs.entry(pk.clone()).or_insert_with(|| {
@@ -497,6 +487,18 @@ fn worker_exit(r: Result<Result<(), PipelineError>, tokio::task::JoinError>) -> 
         Ok(Ok(())) => PipelineError::Worker("worker ended unexpectedly".into()),
         Err(e) => PipelineError::Worker(e.to_string()),
     }
+}
+
+/// What the engine's loop skips of one assigned partition.
+struct Progress {
+    /// Offsets below this are in ClickHouse already (the journal's `next_offset` when the
+    /// partition was first seen, or the end of the batch re-sent from it).
+    delivered_below: Option<i64>,
+    /// The offset after the last record taken since the assignment: a record below it is a
+    /// re-delivery. librdkafka re-delivers when a partition is paused (the idle fetch governor
+    /// does) while a message is being handed to the application: the pause saves the position
+    /// before that message, and the resume fetches it again.
+    taken_below: Option<i64>,
 }
 
 /// Processes work items in order (per-partition order is what commits need; one worker keeps
@@ -627,9 +629,7 @@ impl Worker {
                         d.await?;
                     }
                     if self.still_owned(&partition, epoch) {
-                        if let Ok(mut l) = self.live.lock() {
-                            l.positions.insert(partition.clone(), last + 1);
-                        }
+                        self.stages_done_up_to(&partition, last);
                         self.deliver(Prepared {
                             partition,
                             first,
@@ -663,6 +663,14 @@ impl Worker {
             d.await?;
         }
         Ok(())
+    }
+
+    /// The stages have run up to `last` of `pk`: a plugin swapped from now on applies from the
+    /// next offset (`SwapApplied::from_offsets`).
+    fn stages_done_up_to(&self, pk: &PartitionKey, last: i64) {
+        if let Ok(mut l) = self.live.lock() {
+            l.positions.insert(pk.clone(), last + 1);
+        }
     }
 
     /// A batch sealed before its partition was revoked is dropped: the partition is consumed
@@ -961,10 +969,7 @@ impl Worker {
             return Ok(None);
         };
         fault::point(fault::AFTER_BEGIN);
-        // Where a plugin swapped from now on applies (`SwapApplied::from_offsets`).
-        if let Ok(mut l) = self.live.lock() {
-            l.positions.insert(pk.clone(), last + 1);
-        }
+        self.stages_done_up_to(&pk, last);
         Ok(Some(Prepared {
             partition: pk,
             first,

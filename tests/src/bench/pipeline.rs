@@ -252,8 +252,8 @@ async fn too_many_rows(ch: &clickhouse::Client, table: &str, n: u64, expected: u
                 .unwrap_or_else(|e| e.to_string());
             format!(
                 "{table} has {n} rows, expected {expected}: duplicates ({positions} distinct \
-                 source offsets, {ids} distinct ids; (partition, offset, parts) inserted more \
-                 than once (partition/offset in parts): {twice})"
+                 source offsets, {ids} distinct ids; inserted more than once, as partition/offset \
+                 in parts: {twice})"
             )
         }
         Err(e) => format!("{table} has {n} rows, expected {expected}: duplicates ({e})"),
