@@ -37,7 +37,7 @@ use crate::sink::clickhouse::writer::{dedup_token, ClickHouseSink, SinkError};
 use crate::source::kafka::{Committer, KafkaSource, Ownership, RebalanceEvent, SourceError};
 use crate::stage::{BatchContext, PartitionKey, Stage, StageError};
 use crate::state::changelog::{Changelog, ChangelogError};
-use crate::state::{Outbox, PendingBatch, StateError, StateStore};
+use crate::state::{Outbox, PartitionJournal, PendingBatch, StateError, StateStore};
 use batch::{Accumulator, SealedBatch};
 use control::{Control, Live, SwapApplied};
 
@@ -211,8 +211,12 @@ impl Pipeline {
         // Batches sealed per partition since it was assigned: the first ones are small so the
         // first rows are visible quickly, then they grow to the configured size.
         let mut sealed_count: HashMap<PartitionKey, u32> = HashMap::new();
-        // Per partition, since it was assigned: which records to skip.
-        let mut progress: HashMap<PartitionKey, Progress> = HashMap::new();
+        let mut journals: HashMap<PartitionKey, PartitionJournal> = HashMap::new();
+        // Per partition, the offset after the last record taken since it was assigned: a
+        // record below it is a re-delivery. librdkafka re-delivers when a partition is paused
+        // (the idle fetch governor does) while a message is being handed to the application:
+        // the pause saves the position before that message, and the resume fetches it again.
+        let mut taken: HashMap<PartitionKey, i64> = HashMap::new();
         // With a changelog: partition numbers whose state this run restored since they were
         // last assigned, and numbers revoked since the last assignment (to forget if they
         // did not come back).
@@ -246,7 +250,8 @@ impl Pipeline {
                                 // Not committed: the next owner consumes it again.
                                 accs.remove(&pk);
                                 sealed_count.remove(&pk);
-                                progress.remove(&pk);
+                                journals.remove(&pk);
+                                taken.remove(&pk);
                                 // Someone else may write its state before it comes back.
                                 if held.remove(&pk.partition) {
                                     dropped.insert(pk.partition);
@@ -326,7 +331,7 @@ impl Pipeline {
                                 }
                             }
                         }
-                        if !progress.contains_key(pk) {
+                        if !journals.contains_key(pk) {
                             // First record of this partition since it was assigned: finish the
                             // batch a previous run left in flight before anything else.
                             let mut j = self.state.journal(pk)?;
@@ -354,20 +359,25 @@ impl Pipeline {
                                 }
                                 j.pending = None;
                             }
-                            progress.insert(pk.clone(), Progress { delivered_below: j.next_offset, taken_below: None });
+                            journals.insert(pk.clone(), j);
                         }
-                        let Some(seen) = progress.get_mut(pk) else { continue };
-                        if seen.delivered_below.is_some_and(|n| origin.offset < n) {
+                        let Some(journal) = journals.get(pk) else { continue };
+                        if journal.next_offset.is_some_and(|n| origin.offset < n) {
                             // Already in ClickHouse (the group's offset was behind the journal).
                             Stats::add(&self.stats.skipped_records, 1);
                             continue;
                         }
-                        if seen.taken_below.is_some_and(|n| origin.offset < n) {
-                            Stats::add(&self.stats.skipped_records, 1);
-                            again.push((pk.clone(), origin.offset));
-                            continue;
+                        match taken.get_mut(pk) {
+                            Some(next) if origin.offset < *next => {
+                                Stats::add(&self.stats.skipped_records, 1);
+                                again.push((pk.clone(), origin.offset));
+                                continue;
+                            }
+                            Some(next) => *next = origin.offset + 1,
+                            None => {
+                                taken.insert(pk.clone(), origin.offset + 1);
+                            }
                         }
-                        seen.taken_below = Some(origin.offset + 1);
                         let acc = match accs.get_mut(pk) {
                             Some(acc) => acc,
                             None => accs.entry(pk.clone()).or_insert_with(|| {
@@ -489,20 +499,8 @@ fn worker_exit(r: Result<Result<(), PipelineError>, tokio::task::JoinError>) -> 
     }
 }
 
-/// What the engine's loop skips of one assigned partition.
-struct Progress {
-    /// Offsets below this are in ClickHouse already (the journal's `next_offset` when the
-    /// partition was first seen, or the end of the batch re-sent from it).
-    delivered_below: Option<i64>,
-    /// The offset after the last record taken since the assignment: a record below it is a
-    /// re-delivery. librdkafka re-delivers when a partition is paused (the idle fetch governor
-    /// does) while a message is being handed to the application: the pause saves the position
-    /// before that message, and the resume fetches it again.
-    taken_below: Option<i64>,
-}
-
-/// Processes work items in order (per-partition order is what commits need; one worker keeps
-/// it simple and deterministic), overlapping one batch's delivery with the next one's stages.
+/// Processes work items one at a time, in order (per-partition order is what commits need;
+/// one worker keeps it simple and deterministic).
 struct Worker {
     pipeline: String,
     cfg: LoadedConfig,
@@ -518,21 +516,6 @@ struct Worker {
     ownership: Arc<Ownership>,
     changelog: Option<Arc<Changelog>>,
 }
-
-/// A batch fixed in the journal, ready for steps 3 to 6.
-struct Prepared {
-    partition: PartitionKey,
-    first: i64,
-    last: i64,
-    outbox: Outbox,
-    /// Its dead letters went out with its changelog transaction.
-    dead_letters_sent: bool,
-    /// Kafka timestamps of its records, for the end-to-end latency (none for a recovered one).
-    timestamps: Vec<i64>,
-}
-
-type Delivery<'w> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PipelineError>> + Send + 'w>>;
 
 /// How long an offset commit is retried before the run gives up on it.
 const COMMIT_PATIENCE: Duration = Duration::from_secs(300);
@@ -567,24 +550,12 @@ impl Worker {
         mut rx: mpsc::Receiver<WorkItem>,
         mut control: mpsc::Receiver<Control>,
     ) -> Result<(), PipelineError> {
-        // The delivery (insert, dead letters, commit) of the last prepared batch. The next
-        // batch's stages run while it is in flight; that batch is fixed in the journal only
-        // once it is done, so at most one batch is ever between journal and commit.
-        let mut delivering: Option<Delivery<'_>> = None;
         loop {
-            // Control first: a swap requested while a batch was running applies to the next
-            // one prepared (no stage is in use here: a delivery does not touch them).
+            // Control first: a swap requested while a batch was running applies to the next.
             let item = tokio::select! {
                 biased;
                 Some(c) = control.recv() => {
                     self.control(c);
-                    continue;
-                }
-                Some(done) = futures::future::OptionFuture::from(delivering.as_mut()),
-                    if delivering.is_some() =>
-                {
-                    delivering = None;
-                    done?;
                     continue;
                 }
                 item = rx.recv() => item,
@@ -592,29 +563,8 @@ impl Worker {
             let Some(item) = item else { break };
             match item {
                 WorkItem::Batch(b) => {
-                    if !self.still_owned(&b.partition, b.epoch) {
-                        continue;
-                    }
-                    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-                    let prepared = match delivering.take() {
-                        None => {
-                            let _ = done_tx.send(true);
-                            self.prepare(b, done_rx).await?
-                        }
-                        Some(previous) => {
-                            let previous = async move {
-                                let r = previous.await;
-                                let _ = done_tx.send(r.is_ok());
-                                r
-                            };
-                            let (delivered, prepared) =
-                                tokio::join!(previous, self.prepare(b, done_rx));
-                            delivered?;
-                            prepared?
-                        }
-                    };
-                    if let Some(p) = prepared {
-                        delivering = Some(Box::pin(self.deliver(p)));
+                    if self.still_owned(&b.partition, b.epoch) {
+                        self.process(b).await?
                     }
                 }
                 WorkItem::Recover {
@@ -625,20 +575,10 @@ impl Worker {
                     dead_letters_sent,
                     epoch,
                 } => {
-                    if let Some(d) = delivering.take() {
-                        d.await?;
-                    }
                     if self.still_owned(&partition, epoch) {
-                        self.stages_done_up_to(&partition, last);
-                        self.deliver(Prepared {
-                            partition,
-                            first,
-                            last,
-                            outbox,
-                            dead_letters_sent,
-                            timestamps: Vec::new(),
-                        })
-                        .await?
+                        let sent = dead_letters_sent;
+                        self.deliver(&partition, first, last, outbox, sent, Vec::new())
+                            .await?
                     }
                 }
                 WorkItem::Ownership {
@@ -646,31 +586,11 @@ impl Worker {
                     lost,
                     reply,
                 } => {
-                    // Between batches: the last one is committed before state moves.
-                    if let Some(d) = delivering.take() {
-                        if let Err(e) = d.await {
-                            let _ = reply.send(Err(PipelineError::Worker(
-                                "the last batch before the rebalance failed".into(),
-                            )));
-                            return Err(e);
-                        }
-                    }
                     let _ = reply.send(self.change_ownership(gained, lost).await);
                 }
             }
         }
-        if let Some(d) = delivering {
-            d.await?;
-        }
         Ok(())
-    }
-
-    /// The stages have run up to `last` of `pk`: a plugin swapped from now on applies from the
-    /// next offset (`SwapApplied::from_offsets`).
-    fn stages_done_up_to(&self, pk: &PartitionKey, last: i64) {
-        if let Ok(mut l) = self.live.lock() {
-            l.positions.insert(pk.clone(), last + 1);
-        }
     }
 
     /// A batch sealed before its partition was revoked is dropped: the partition is consumed
@@ -818,15 +738,8 @@ impl Worker {
             .map_err(|e| PipelineError::Worker(e.to_string()))
     }
 
-    /// Steps 1 and 2: run the stages, encode, and fix the batch in the journal. The stages may
-    /// run while the previous batch is still being delivered; the journal is touched only once
-    /// `previous_done` says that delivery succeeded (`None`: it failed, nothing is kept, the
-    /// run ends with its error).
-    async fn prepare(
-        &self,
-        batch: SealedBatch,
-        previous_done: tokio::sync::oneshot::Receiver<bool>,
-    ) -> Result<Option<Prepared>, PipelineError> {
+    /// Steps 1 and 2: run the stages, encode, and fix the batch in the journal.
+    async fn process(&self, batch: SealedBatch) -> Result<(), PipelineError> {
         let pk = batch.partition.clone();
         let (first, last) = (batch.first, batch.last);
         let ctx = BatchContext {
@@ -861,8 +774,6 @@ impl Worker {
                 .lock()
                 .map_err(|_| PipelineError::Worker("a stage panicked earlier".into()))?;
             let mut txn = state.txn();
-            // The previous batch may still be in flight: its insert and commit do not touch
-            // stage state, which its journal write already made durable.
             let mut records = records;
             let mut dead: Vec<DeadLetter> = Vec::new();
             let start = side_stage.unwrap_or(0);
@@ -901,18 +812,12 @@ impl Worker {
                     .collect(),
                 dead_letters: dead,
             };
-            let plugins = Self::plugin_refs(&mut stages);
-            // A swap may apply once the stages are done with this batch.
-            drop(stages);
             let encoded = outbox.encode();
-            if !previous_done.blocking_recv().unwrap_or(false) {
-                return Ok(None);
-            }
             let mut journal = state.journal(&ctx.partition)?;
             journal.pending = Some(PendingBatch {
                 first,
                 last,
-                plugins,
+                plugins: Self::plugin_refs(&mut stages),
                 dead_letters_sent: changelog.is_some(),
             });
             // With a changelog, the batch is published there first (with its dead letters):
@@ -966,18 +871,12 @@ impl Worker {
         })
         .await??;
         let Some(outbox) = outbox else {
-            return Ok(None);
+            return Ok(());
         };
         fault::point(fault::AFTER_BEGIN);
-        self.stages_done_up_to(&pk, last);
-        Ok(Some(Prepared {
-            partition: pk,
-            first,
-            last,
-            outbox,
-            dead_letters_sent: self.changelog.is_some(),
-            timestamps,
-        }))
+        let sent = self.changelog.is_some();
+        self.deliver(&pk, first, last, outbox, sent, timestamps)
+            .await
     }
 
     /// The batch's commit as one transaction with its dead letters (no changelog): both
@@ -1021,16 +920,15 @@ impl Worker {
     }
 
     /// Steps 3 to 6, for a fresh batch or one recovered from the journal.
-    async fn deliver(&self, batch: Prepared) -> Result<(), PipelineError> {
-        let Prepared {
-            partition,
-            first,
-            last,
-            outbox,
-            dead_letters_sent,
-            timestamps,
-        } = batch;
-        let pk = &partition;
+    async fn deliver(
+        &self,
+        pk: &PartitionKey,
+        first: i64,
+        last: i64,
+        outbox: Outbox,
+        dead_letters_sent: bool,
+        timestamps: Vec<i64>,
+    ) -> Result<(), PipelineError> {
         let p = self.pipeline.as_str();
         for (table, rows, data) in outbox.tables {
             let token = dedup_token(&self.pipeline, &pk.topic, pk.partition, first, last, &table);
@@ -1142,6 +1040,9 @@ impl Worker {
         Self::blocking(move || state.complete_batch(&key, last)).await??;
         Stats::add(&self.stats.batches, 1);
         METRICS.batches.with_label_values(&[p]).inc();
+        if let Ok(mut l) = self.live.lock() {
+            l.positions.insert(pk.clone(), last + 1);
+        }
         Ok(())
     }
 }
