@@ -11,6 +11,7 @@
 //!
 //! Quick mode (default, CI) takes a few minutes; `SLUICE_SOAK=1` runs more and longer.
 //! `SLUICE_FAULT_SEED=<n>` repeats a run's random choices (each test prints its seed).
+//! `SLUICE_FAULT_KEEP=1` keeps every run's logs and state (by default only a failed run's).
 //!
 //! Scenarios run one at a time (they load the machine and one measures memory). The
 //! `rebalance_` test runs two instances that hand partition state over through the state
@@ -733,7 +734,8 @@ async fn finish_run(
         ));
     }
     total.add(&o);
-    if !o.clean() || !letters_ok {
+    // SLUICE_FAULT_KEEP=1 keeps every run's logs and state, clean or not.
+    if !o.clean() || !letters_ok || std::env::var_os("SLUICE_FAULT_KEEP").is_some() {
         let dir = w.keep();
         say(format!("{label}: logs and state kept in {}", dir.display()));
     }
@@ -1385,6 +1387,104 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
     ensure!(
         total.clean() && problems.is_empty(),
         "two instances: {total:?} {problems:?}"
+    );
+    Ok(())
+}
+
+/// The safety net behind the hand-off: an instance whose restore missed what the other owner
+/// wrote (its changelog position is moved to the partition's end by hand, as a broker that
+/// hid records or a wrong position would leave it) must notice that its state ends before the
+/// group's committed offset and restore the partition in full, not carry on without the
+/// other owner's dedup keys and buffered join rows (which would then be lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_state_behind_the_group_is_restored_in_full() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let kafka = services::kafka().await?;
+    if !kafka.kind.hides_aborted_transactions() {
+        eprintln!("skipped: tansu shows aborted transactions to read_committed readers");
+        return Ok(());
+    }
+    let ch = services::clickhouse().await?;
+    let rate = 300u64;
+    let w = Workload::new(
+        &kafka.brokers,
+        &ch.url,
+        rate as usize * 40,
+        faults::seed(),
+        0,
+    )
+    .await?;
+    let changelog = format!("{}-state", w.group);
+    let target = |state: &str| Target {
+        state: state.into(),
+        changelog: Some(changelog.clone()),
+        // Dynamic membership: a stop leaves the group, the next instance is assigned at once.
+        instance_id: Some(String::new()),
+        ..w.main_target()
+    };
+    let (a_target, b_target) = (target("state-a"), target("state-b"));
+    let a_cfg = w.config(&a_target, 100)?;
+    let load = w.start_load(rate)?;
+    // A, then B (restoring A's state), then A again: each stop leaves the group at once.
+    let mut a = SluiceProcess::run(&a_cfg, &w.log("a0"))?;
+    let c = w
+        .wait_progress(&mut [&mut a], &w.group, 0, Duration::from_secs(60))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop(&mut a)?;
+    let c = w.committed(&w.group).await?.max(c);
+    let mut b = SluiceProcess::run(&w.config(&b_target, 100)?, &w.log("b0"))?;
+    w.wait_progress(&mut [&mut b], &w.group, c + 300, Duration::from_secs(60))
+        .await?;
+    ensure!(
+        (0..2).all(|n| count_in_log(&b, &format!("{}/{n}", w.tx_topic)) > 0),
+        "B did not take both partitions over:\n{}",
+        b.log_tail()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop(&mut b)?;
+    // A's restore will find nothing new: its position is at the end of the changelog.
+    let ends = services::end_offsets(&w.brokers, &changelog).await?;
+    {
+        let store = sluice::state::StateStore::open(&w.dir.path().join(&a_target.state))?;
+        for (n, end) in &ends {
+            store.set_changelog_position(*n, end - 1)?;
+        }
+    }
+    let mut a = SluiceProcess::run(&a_cfg, &w.log("a1"))?;
+    let model = w.finish_load(load).await?;
+    w.wait_rows(
+        &mut [&mut a],
+        &a_target.table,
+        model.rows.len(),
+        Duration::from_secs(120),
+    )
+    .await?;
+    stop(&mut a)?;
+    let noticed = count_in_log(&a, "restoring the whole partition from the changelog");
+    let mut total = Outcome::default();
+    let mut problems = Vec::new();
+    finish_run(
+        w,
+        &model,
+        &a_target.table,
+        "state behind the group",
+        &mut total,
+        &mut problems,
+    )
+    .await?;
+    record(ScenarioResult {
+        scenario: "an instance regains partitions with a restore that missed the other owner's \
+                   changelog records (position moved to the end by hand)"
+            .into(),
+        runs: 1,
+        outcome: total.clone(),
+        note: format!("{noticed} partitions noticed behind the group and restored in full"),
+    });
+    ensure!(noticed > 0, "the stale state was not noticed");
+    ensure!(
+        total.clean() && problems.is_empty(),
+        "state behind the group: {total:?} {problems:?}"
     );
     Ok(())
 }

@@ -499,6 +499,60 @@ fn worker_exit(r: Result<Result<(), PipelineError>, tokio::task::JoinError>) -> 
     }
 }
 
+fn log_restore(n: i32, r: &crate::state::changelog::Restored) {
+    if r.records > 0 || r.full || r.bootstrapped > 0 {
+        tracing::info!(
+            partition = n,
+            from_offset = r.from_offset,
+            end = r.end,
+            records = r.records,
+            full = r.full,
+            bootstrapped = r.bootstrapped,
+            took_ms = r.took.as_millis() as u64,
+            "state restored from the changelog"
+        );
+    }
+}
+
+/// Where the state of partition number `n` ends before the group's committed offset, as
+/// "topic/n: state ends at X, group at Y" (`None`: it does not, or it cannot be told).
+/// Blocking.
+fn state_behind_group(
+    state: &StateStore,
+    committer: &Committer,
+    topics: &[String],
+    n: i32,
+) -> Option<String> {
+    let pks: Vec<PartitionKey> = topics
+        .iter()
+        .map(|t| PartitionKey {
+            topic: t.clone(),
+            partition: n,
+        })
+        .collect();
+    let committed = match committer.committed_offsets(&pks, Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(
+                partition = n,
+                "cannot compare the restored state with the group's offsets: {e}"
+            );
+            return None;
+        }
+    };
+    let mut gaps = Vec::new();
+    for pk in &pks {
+        let Ok(j) = state.journal(pk) else { continue };
+        let end = j.pending.as_ref().map(|b| b.last + 1).max(j.next_offset);
+        if let (Some(end), Some(Some(group))) = (end, committed.get(pk)) {
+            if *group > end {
+                gaps.push(format!("{pk}: state ends at {end}, group at {group}"));
+            }
+        }
+    }
+    (!gaps.is_empty()).then(|| gaps.join("; "))
+}
+
 /// Processes work items one at a time, in order (per-partition order is what commits need;
 /// one worker keeps it simple and deterministic).
 struct Worker {
@@ -616,6 +670,9 @@ impl Worker {
         };
         let state = self.state.clone();
         let stages = self.stages.clone();
+        let committer = self.committer.clone();
+        let mut topics = self.cfg.pipeline.kafka.topics.clone();
+        topics.extend(self.side.keys().cloned());
         Self::blocking(move || {
             let mut replaced = lost.clone();
             for n in &lost {
@@ -623,19 +680,23 @@ impl Worker {
             }
             for n in gained {
                 let r = changelog.restore(&state, n)?;
-                if r.records > 0 || r.full || r.bootstrapped > 0 {
-                    tracing::info!(
-                        partition = n,
-                        from_offset = r.from_offset,
-                        records = r.records,
-                        full = r.full,
-                        bootstrapped = r.bootstrapped,
-                        took_ms = r.took.as_millis() as u64,
-                        "state restored from the changelog"
-                    );
-                }
+                log_restore(n, &r);
                 if r.records > 0 || r.full {
                     replaced.push(n);
+                }
+                // Every commit follows its batch's changelog entry, so a group offset past
+                // the last batch in the state means the restore missed records: read the
+                // partition again from its start rather than carry on with a stale state.
+                if let Some(gap) = state_behind_group(&state, &committer, &topics, n) {
+                    tracing::warn!(partition = n, %gap,
+                        "the restored state ends before the group's offset; restoring the whole partition from the changelog");
+                    let r = changelog.restore_full(&state, n)?;
+                    log_restore(n, &r);
+                    replaced.push(n);
+                    if let Some(gap) = state_behind_group(&state, &committer, &topics, n) {
+                        tracing::warn!(partition = n, %gap,
+                            "the state still ends before the group's offset after a full restore (offsets moved by hand, or the changelog lost records); continuing from the group's offset");
+                    }
                 }
             }
             let mut stages = stages

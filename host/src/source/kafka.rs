@@ -1,6 +1,7 @@
 //! The Kafka source: a consumer group with automatic commits disabled. Offsets are committed by
 //! the engine only after ClickHouse acknowledged the batch that contains them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -510,6 +511,37 @@ impl Committer {
             out.push((pk, committed, high));
         }
         Ok(out)
+    }
+
+    /// The group's committed offsets of `partitions` (`None`: nothing committed yet). Blocking.
+    pub fn committed_offsets(
+        &self,
+        partitions: &[PartitionKey],
+        timeout: Duration,
+    ) -> Result<HashMap<PartitionKey, Option<i64>>, SourceError> {
+        let mut tpl = TopicPartitionList::new();
+        for pk in partitions {
+            tpl.add_partition(&pk.topic, pk.partition);
+        }
+        let got = self
+            .consumer
+            .committed_offsets(tpl, timeout)
+            .map_err(|e| SourceError::Receive(e.to_string()))?;
+        Ok(got
+            .elements()
+            .iter()
+            .map(|e| {
+                let pk = PartitionKey {
+                    topic: e.topic().to_string(),
+                    partition: e.partition(),
+                };
+                let offset = match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                };
+                (pk, offset)
+            })
+            .collect())
     }
 
     /// Committed offsets of the current assignment (for status and tests).

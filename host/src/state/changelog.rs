@@ -63,6 +63,8 @@ pub type ChangelogRecord = (Vec<u8>, Option<Vec<u8>>);
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Restored {
     pub from_offset: i64,
+    /// The partition's end (high watermark) when the restore began.
+    pub end: i64,
     pub records: u64,
     pub full: bool,
     pub bootstrapped: u64,
@@ -195,6 +197,7 @@ impl Changelog {
         let pos = store.changelog_position(n)?;
         let mut done = Restored {
             from_offset: low,
+            end: high,
             ..Restored::default()
         };
         let from = match pos {
@@ -216,6 +219,17 @@ impl Changelog {
             }
             if from < high {
                 done.records = self.replay(&reader, store, n, from)?;
+                if done.records == 0 && high - from > 1 {
+                    // More than the commit marker of this instance's own last publish, yet
+                    // nothing readable (aborted transactions): worth knowing when a handover
+                    // goes wrong.
+                    tracing::info!(
+                        partition = n,
+                        from,
+                        end = high,
+                        "no committed changelog record readable before the partition's end"
+                    );
+                }
             } else {
                 store.set_changelog_position(n, from - 1)?;
             }
@@ -225,6 +239,13 @@ impl Changelog {
         }
         done.took = started.elapsed();
         Ok(done)
+    }
+
+    /// Restores partition number `n` from the changelog's first record, whatever the local
+    /// state holds. Blocking.
+    pub fn restore_full(&self, store: &StateStore, n: i32) -> Result<Restored, ChangelogError> {
+        store.wipe_namespace(n)?;
+        self.restore(store, n)
     }
 
     /// Forgets partition number `n` (it moved to another instance).
