@@ -553,6 +553,27 @@ fn state_behind_group(
     (!gaps.is_empty()).then(|| gaps.join("; "))
 }
 
+/// Why a batch starting at `first` must not be processed on top of `journal` (`None`: it
+/// may). The engine's loop skips records the journal shows as delivered when a partition is
+/// assigned; but a partition revoked while a batch was in the worker and assigned back at
+/// once may have been read from its committed offset before that batch reached the journal.
+/// Processing both would insert the same records twice under two tokens; a new run reads the
+/// journal again (re-sending the batch in flight, skipping what was delivered).
+fn overlap(journal: &PartitionJournal, first: i64) -> Option<String> {
+    if let Some(p) = journal.pending.as_ref().filter(|p| p.last >= first) {
+        return Some(format!(
+            "overlaps batch {}-{} still in the journal; restarting the run to finish that one first",
+            p.first, p.last
+        ));
+    }
+    match journal.next_offset {
+        Some(n) if n > first => Some(format!(
+            "starts below offset {n}, up to which records were delivered; restarting the run to skip them"
+        )),
+        _ => None,
+    }
+}
+
 /// Processes work items one at a time, in order (per-partition order is what commits need;
 /// one worker keeps it simple and deterministic).
 struct Worker {
@@ -618,6 +639,13 @@ impl Worker {
             match item {
                 WorkItem::Batch(b) => {
                     if self.still_owned(&b.partition, b.epoch) {
+                        let journal = self.state.journal(&b.partition)?;
+                        if let Some(why) = overlap(&journal, b.first) {
+                            return Err(PipelineError::Rejoin(format!(
+                                "batch {}-{} of {}: {why}",
+                                b.first, b.last, b.partition
+                            )));
+                        }
                         self.process(b).await?
                     }
                 }
@@ -1105,5 +1133,51 @@ impl Worker {
             l.positions.insert(pk.clone(), last + 1);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(first: i64, last: i64) -> Option<PendingBatch> {
+        Some(PendingBatch {
+            first,
+            last,
+            plugins: vec![],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_batch_after_the_journal_may_run() {
+        let done = PartitionJournal {
+            next_offset: Some(100),
+            ..Default::default()
+        };
+        assert_eq!(overlap(&done, 100), None);
+        assert_eq!(overlap(&PartitionJournal::default(), 0), None);
+        let in_flight = PartitionJournal {
+            next_offset: Some(50),
+            pending: pending(50, 99),
+            ..Default::default()
+        };
+        assert_eq!(overlap(&in_flight, 100), None);
+    }
+
+    #[test]
+    fn a_batch_over_delivered_or_pending_records_restarts_the_run() {
+        let done = PartitionJournal {
+            next_offset: Some(100),
+            ..Default::default()
+        };
+        assert!(overlap(&done, 60).is_some_and(|w| w.contains("offset 100")));
+        let in_flight = PartitionJournal {
+            next_offset: Some(50),
+            pending: pending(50, 99),
+            ..Default::default()
+        };
+        assert!(overlap(&in_flight, 50).is_some_and(|w| w.contains("50-99")));
+        assert!(overlap(&in_flight, 99).is_some());
     }
 }
