@@ -646,7 +646,7 @@ impl Worker {
                                 b.first, b.last, b.partition
                             )));
                         }
-                        self.process(b).await?
+                        self.process(b, journal).await?
                     }
                 }
                 WorkItem::Recover {
@@ -827,8 +827,13 @@ impl Worker {
             .map_err(|e| PipelineError::Worker(e.to_string()))
     }
 
-    /// Steps 1 and 2: run the stages, encode, and fix the batch in the journal.
-    async fn process(&self, batch: SealedBatch) -> Result<(), PipelineError> {
+    /// Steps 1 and 2: run the stages, encode, and fix the batch in the journal (`journal`: the
+    /// partition's entry as read before the batch; nothing else writes it meanwhile).
+    async fn process(
+        &self,
+        batch: SealedBatch,
+        journal: PartitionJournal,
+    ) -> Result<(), PipelineError> {
         let pk = batch.partition.clone();
         let (first, last) = (batch.first, batch.last);
         let ctx = BatchContext {
@@ -902,7 +907,7 @@ impl Worker {
                 dead_letters: dead,
             };
             let encoded = outbox.encode();
-            let mut journal = state.journal(&ctx.partition)?;
+            let mut journal = journal;
             journal.pending = Some(PendingBatch {
                 first,
                 last,
