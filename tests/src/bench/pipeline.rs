@@ -28,6 +28,8 @@ pub struct PipelineSpec {
     pub stages: Option<serde_json::Value>,
     /// `state.changelog.topic`: what several instances of one pipeline need (README).
     pub changelog: Option<String>,
+    /// `sink.batch.max_rows` (`None`: sluice's default).
+    pub batch_rows: Option<usize>,
 }
 
 impl PipelineSpec {
@@ -49,7 +51,10 @@ impl PipelineSpec {
                 "properties": {"receive.message.max.bytes": RECEIVE_MESSAGE_MAX_BYTES},
             },
             "stages": stages,
-            "sink": {"clickhouse": {"url": self.ch_url, "table": self.table}},
+            "sink": match self.batch_rows {
+                Some(rows) => serde_json::json!({"clickhouse": {"url": self.ch_url, "table": self.table}, "batch": {"max_rows": rows}}),
+                None => serde_json::json!({"clickhouse": {"url": self.ch_url, "table": self.table}}),
+            },
             "dead_letter": {"topic": format!("{}-dlq", self.topic)},
             "state": match &self.changelog {
                 Some(topic) => serde_json::json!({"dir": self.state_dir, "changelog": {"topic": topic}}),

@@ -13,16 +13,19 @@ pub struct BenchServices {
     work: PathBuf,
     pub kafka_port: u16,
     pub ch_port: u16,
+    /// `noida` or `tansu` (`scripts/services/kafka.sh`).
+    broker: String,
     kafka_generation: u32,
 }
 
 impl BenchServices {
-    pub fn new(repo: &Path, work: &Path, kafka_port: u16, ch_port: u16) -> Self {
+    pub fn new(repo: &Path, work: &Path, broker: &str, kafka_port: u16, ch_port: u16) -> Self {
         Self {
             repo: repo.to_path_buf(),
             work: work.to_path_buf(),
             kafka_port,
             ch_port,
+            broker: broker.to_string(),
             kafka_generation: 0,
         }
     }
@@ -73,7 +76,7 @@ impl BenchServices {
 
     fn kafka_env(&self, generation: u32) -> Vec<(&'static str, String)> {
         vec![
-            ("SLUICE_KAFKA_BROKER", "noida".to_string()),
+            ("SLUICE_KAFKA_BROKER", self.broker.clone()),
             ("SLUICE_KAFKA_PORT", self.kafka_port.to_string()),
             (
                 "SLUICE_KAFKA_DATA",

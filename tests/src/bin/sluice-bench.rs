@@ -51,7 +51,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the benchmark and print the results table.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Internal: the raw-consume baseline, in a process of its own; prints JSON.
     #[command(hide = true)]
     RawConsume {
@@ -106,10 +106,18 @@ struct RunArgs {
     /// Records for the native-vs-WASM comparison.
     #[arg(long, default_value_t = 200_000)]
     wasm_records: usize,
+    /// The broker the bench starts: `noida` (noida-db, the default) or `tansu`, which honours
+    /// fetch size limits (noida-db sends a whole backlog in one response, so librdkafka's
+    /// memory then follows the backlog, not its configured bounds) but consumes more slowly.
+    #[arg(long, default_value = "noida", value_parser = ["noida", "tansu"])]
+    broker: String,
     #[arg(long, default_value_t = 19292)]
     kafka_port: u16,
     #[arg(long, default_value_t = 18323)]
     ch_port: u16,
+    /// `sink.batch.max_rows` of every pipeline (default: sluice's own default).
+    #[arg(long)]
+    batch_rows: Option<usize>,
     /// Partitions of the full path's two (co-partitioned) topics.
     #[arg(long, default_value_t = 2)]
     full_partitions: i32,
@@ -481,6 +489,7 @@ impl Bench {
             state_dir: self.work.join("state").join(name),
             stages: None,
             changelog: None,
+            batch_rows: self.args.batch_rows,
         }
     }
 
@@ -1623,7 +1632,7 @@ async fn run(args: RunArgs) -> Result<()> {
         records: args.records,
         ..Default::default()
     };
-    let svc = BenchServices::new(&repo, &work, args.kafka_port, args.ch_port);
+    let svc = BenchServices::new(&repo, &work, &args.broker, args.kafka_port, args.ch_port);
     say(format!("starting ClickHouse on {}", svc.ch_url()));
     svc.start_clickhouse()?;
     let ch = sluice_tests::services::ch_client(&svc.ch_url());
@@ -1764,6 +1773,6 @@ fn main() -> Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(run(args)),
+            .block_on(run(*args)),
     }
 }
