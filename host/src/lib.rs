@@ -7,6 +7,7 @@ pub mod config;
 pub mod devtools;
 pub mod dlq;
 pub mod fault;
+pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugin_store;

@@ -310,6 +310,7 @@ fn init_logging(filter: &str, format: &str) {
 }
 
 fn main() -> ExitCode {
+    sluice::memory::tune_allocator();
     let cli = Cli::parse();
     init_logging(&cli.log, &cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -43,7 +43,11 @@ fn write_batch(
         }
     }
     let outbox = Outbox {
-        tables: vec![("t".into(), 1, format!("rows {first}-{last}").into_bytes())],
+        tables: vec![(
+            "t".into(),
+            1,
+            format!("rows {first}-{last}").into_bytes().into(),
+        )],
         dead_letters: vec![],
     };
     let encoded = outbox.encode();

@@ -20,12 +20,11 @@
 mod batch;
 pub mod control;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::config::LoadedConfig;
@@ -185,7 +184,10 @@ impl Pipeline {
         let extra: Vec<String> = side.keys().cloned().collect();
         let (source, mut events) = KafkaSource::connect(&p.kafka, &self.cfg.instance_id(), &extra)?;
         let ownership = source.ownership();
-        let (tx, rx) = mpsc::channel::<WorkItem>(2);
+        // One sealed batch waiting is enough to keep the single worker busy while the next one
+        // fills; every further one is up to `max_rows` records of memory and no throughput.
+        let (tx, rx) = mpsc::channel::<WorkItem>(1);
+        let mut to_worker = ToWorker { tx, permit: None };
         let worker = Worker {
             pipeline: p.name.clone(),
             cfg: self.cfg.clone(),
@@ -265,7 +267,7 @@ impl Pipeline {
                             let gained: Vec<i32> = now.difference(&held).copied().collect();
                             let lost: Vec<i32> = dropped.difference(&now).copied().collect();
                             dropped.clear();
-                            match change_ownership(&tx, gained.clone(), lost).await {
+                            match change_ownership(&mut to_worker, gained.clone(), lost).await {
                                 Ok(()) => held.extend(gained),
                                 Err(Some(e)) => break Err(e),
                                 Err(None) => {
@@ -287,7 +289,7 @@ impl Pipeline {
                     for pk in aged {
                         if let Some(sealed) = accs.remove(&pk).and_then(|a| seal(a, &pk)) {
                             *sealed_count.entry(pk.clone()).or_default() += 1;
-                            if tx.send(WorkItem::Batch(sealed)).await.is_err() {
+                            if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
                                 return Err(worker_exit((&mut worker_task).await));
                             }
                         }
@@ -300,7 +302,19 @@ impl Pipeline {
                         }
                     }
                 }
-                chunk = source.recv_many(RECV_CHUNK) => {
+                // Records are taken only while the channel's one slot is reserved: the worker
+                // holds one batch, the channel (at most) one more, and this loop fills no third
+                // meanwhile (each is up to `max_rows` records of memory).
+                permit = to_worker.tx.clone().reserve_owned(), if to_worker.permit.is_none() => {
+                    match permit {
+                        Ok(p) => to_worker.permit = Some(p),
+                        Err(_) => {
+                            worker_done = true;
+                            break Err(worker_exit((&mut worker_task).await));
+                        }
+                    }
+                }
+                chunk = source.recv_many(RECV_CHUNK), if to_worker.permit.is_some() => {
                     let chunk = match chunk {
                         Ok(c) => c,
                         Err(SourceError::Rejoin(why)) => break Err(PipelineError::Rejoin(why)),
@@ -320,7 +334,7 @@ impl Pipeline {
                         if self.changelog.is_some() && !held.contains(&pk.partition) {
                             // A record of a partition whose assignment event is still queued: its
                             // state (and journal) must be restored before the journal is read.
-                            match change_ownership(&tx, vec![pk.partition], Vec::new()).await {
+                            match change_ownership(&mut to_worker, vec![pk.partition], Vec::new()).await {
                                 Ok(()) => {
                                     held.insert(pk.partition);
                                 }
@@ -349,7 +363,7 @@ impl Pipeline {
                                             "re-sending batch from the journal");
                                         Stats::add(&self.stats.recovered_batches, 1);
                                         let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox, dead_letters_sent: pending.dead_letters_sent, epoch: ownership.epoch_of(pk) };
-                                        if tx.send(item).await.is_err() {
+                                        if to_worker.send(item).await.is_err() {
                                             worker_done = true;
                                             break 'consume Err(worker_exit((&mut worker_task).await));
                                         }
@@ -384,11 +398,11 @@ impl Pipeline {
                                 Accumulator::ramp(sealed_count.get(pk).copied().unwrap_or(0))
                             }),
                         };
-                        acc.push(Record::from_origin(Arc::new(origin)));
+                        acc.push(origin);
                         if acc.is_full(&batch_cfg) {
                             if let Some(sealed) = accs.remove(pk).and_then(|a| seal(a, pk)) {
                                 *sealed_count.entry(pk.clone()).or_default() += 1;
-                                if tx.send(WorkItem::Batch(sealed)).await.is_err() {
+                                if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
                                     worker_done = true;
                                     break 'consume Err(worker_exit((&mut worker_task).await));
                                 }
@@ -406,13 +420,13 @@ impl Pipeline {
             // Graceful stop: flush what has been consumed.
             for (pk, acc) in accs.drain() {
                 if let Some(sealed) = seal(acc, &pk) {
-                    if tx.send(WorkItem::Batch(sealed)).await.is_err() {
+                    if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
                         break;
                     }
                 }
             }
         }
-        drop(tx);
+        drop(to_worker);
         if worker_done {
             self.end_run();
             return result;
@@ -467,10 +481,31 @@ impl Pipeline {
     }
 }
 
+/// The engine's end of the worker channel (capacity 1). `permit` is its one slot, reserved
+/// before records are taken; a send uses it if held, so no send waits behind the engine's own
+/// reservation.
+struct ToWorker {
+    tx: mpsc::Sender<WorkItem>,
+    permit: Option<mpsc::OwnedPermit<WorkItem>>,
+}
+
+impl ToWorker {
+    /// `Err`: the worker is gone.
+    async fn send(&mut self, item: WorkItem) -> Result<(), ()> {
+        match self.permit.take() {
+            Some(permit) => {
+                permit.send(item);
+                Ok(())
+            }
+            None => self.tx.send(item).await.map_err(|_| ()),
+        }
+    }
+}
+
 /// Has the worker restore `gained` partition numbers from the changelog and forget `lost`
 /// ones, after the batches queued before; waits for it. `Err(None)`: the worker is gone.
 async fn change_ownership(
-    tx: &mpsc::Sender<WorkItem>,
+    tx: &mut ToWorker,
     gained: Vec<i32>,
     lost: Vec<i32>,
 ) -> Result<(), Option<PipelineError>> {
@@ -484,7 +519,7 @@ async fn change_ownership(
         reply,
     })
     .await
-    .map_err(|_| None)?;
+    .map_err(|()| None)?;
     match done.await {
         Ok(r) => r.map_err(Some),
         Err(_) => Err(None),
@@ -593,6 +628,10 @@ struct Worker {
 }
 
 /// How long an offset commit is retried before the run gives up on it.
+/// Records per slice of a batch through the stages and the encoder (see `Worker::process`);
+/// the WASM stage's calls are this size too.
+const SUB_BATCH: usize = crate::stage::wasm::MAX_RECORDS_PER_CALL;
+
 const COMMIT_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Exponential backoff with jitter for retryable failures: 100 ms doubling to 30 s.
@@ -646,7 +685,8 @@ impl Worker {
                                 b.first, b.last, b.partition
                             )));
                         }
-                        self.process(b, journal).await?
+                        self.process(b, journal).await?;
+                        crate::memory::release_freed();
                     }
                 }
                 WorkItem::Recover {
@@ -857,10 +897,7 @@ impl Worker {
             .batch_records
             .with_label_values(&[&pipeline])
             .observe(records.len() as f64);
-        let timestamps: Vec<i64> = records
-            .iter()
-            .filter_map(|r| r.origin.timestamp_ms)
-            .collect();
+        let timestamps: Vec<i64> = records.iter().filter_map(|r| r.timestamp_ms).collect();
         let changelog = self.changelog.clone();
         let dlq = self.dlq.clone();
         let outbox = Self::blocking(move || {
@@ -868,45 +905,68 @@ impl Worker {
                 .lock()
                 .map_err(|_| PipelineError::Worker("a stage panicked earlier".into()))?;
             let mut txn = state.txn();
-            let mut records = records;
             let mut dead: Vec<DeadLetter> = Vec::new();
             let start = side_stage.unwrap_or(0);
-            for (i, stage) in stages.iter_mut().enumerate().skip(start) {
-                let started = Instant::now();
-                let out = if Some(i) == side_stage {
-                    stage.process_side(records, &ctx, &mut txn)?
-                } else {
-                    stage.process(records, &ctx, &mut txn)?
-                };
-                METRICS
-                    .stage_seconds
-                    .with_label_values(&[&pipeline, stage.name()])
-                    .observe(started.elapsed().as_secs_f64());
-                records = out.records;
-                dead.extend(out.dead_letters);
-                if !out.counters.is_empty() {
-                    for (name, n) in &out.counters {
-                        METRICS
-                            .stage_events
-                            .with_label_values(&[&pipeline, stage.name(), name])
-                            .inc_by(*n);
-                    }
-                    if let Ok(mut m) = stats.stage_counters.lock() {
-                        for (name, n) in out.counters {
-                            *m.entry(format!("{}.{name}", stage.name())).or_default() += n;
+            // The batch goes through the stages and the encoder in slices of SUB_BATCH
+            // records (same context and transaction, in order): a slice's stage outputs are
+            // encoded and freed before the next slice is read, so the batch's rows exist at
+            // once only as consumed messages and as RowBinary, not also as every stage's
+            // output (docs/benchmarks.md, ninth round).
+            let total = records.len();
+            let mut tables = BTreeMap::new();
+            let mut spent = vec![Duration::ZERO; stages.len()];
+            let mut done = 0;
+            let mut consumed = records.into_iter();
+            loop {
+                let mut records: Vec<Record> = consumed
+                    .by_ref()
+                    .take(SUB_BATCH)
+                    .map(|o| Record::from_origin(Arc::new(o)))
+                    .collect();
+                if records.is_empty() {
+                    break;
+                }
+                let taken = records.len();
+                for (i, stage) in stages.iter_mut().enumerate().skip(start) {
+                    let started = Instant::now();
+                    let out = if Some(i) == side_stage {
+                        stage.process_side(records, &ctx, &mut txn)?
+                    } else {
+                        stage.process(records, &ctx, &mut txn)?
+                    };
+                    spent[i] += started.elapsed();
+                    records = out.records;
+                    dead.extend(out.dead_letters);
+                    if !out.counters.is_empty() {
+                        for (name, n) in &out.counters {
+                            METRICS
+                                .stage_events
+                                .with_label_values(&[&pipeline, stage.name(), name])
+                                .inc_by(*n);
+                        }
+                        if let Ok(mut m) = stats.stage_counters.lock() {
+                            for (name, n) in out.counters {
+                                *m.entry(format!("{}.{name}", stage.name())).or_default() += n;
+                            }
                         }
                     }
                 }
+                sink.encode_into(records, &mut dead, &mut tables, total - done);
+                done += taken;
             }
-            let tables = sink.encode(records, &mut dead);
-            let outbox = Outbox {
-                tables: tables
+            for (i, stage) in stages.iter().enumerate().skip(start) {
+                METRICS
+                    .stage_seconds
+                    .with_label_values(&[&pipeline, stage.name()])
+                    .observe(spent[i].as_secs_f64());
+            }
+            let (outbox, encoded) = Outbox::seal(
+                tables
                     .into_iter()
                     .map(|(t, e)| (t, e.rows as u64, e.data))
                     .collect(),
-                dead_letters: dead,
-            };
-            let encoded = outbox.encode();
+                dead,
+            );
             let mut journal = journal;
             journal.pending = Some(PendingBatch {
                 first,
@@ -1026,7 +1086,6 @@ impl Worker {
         let p = self.pipeline.as_str();
         for (table, rows, data) in outbox.tables {
             let token = dedup_token(&self.pipeline, &pk.topic, pk.partition, first, last, &table);
-            let data = Bytes::from(data);
             let mut backoff = Backoff::new();
             let started = Instant::now();
             loop {

@@ -67,7 +67,12 @@ impl StageError {
     }
 }
 
-/// One step of a pipeline, called once per batch.
+/// One step of a pipeline, called over a batch's records in order.
+///
+/// A batch larger than a few thousand records reaches the stage in consecutive slices (the
+/// engine encodes each slice's output before reading the next, to bound memory): `process`
+/// is then called several times with the same `ctx` and `state` transaction, each time with
+/// the records after the previous slice's. A stage must not assume one call per batch.
 ///
 /// State lives in `state` (RocksDB behind a per-batch transaction: use
 /// `state.stage(self.name(), ctx.partition.partition)`). The engine writes the transaction

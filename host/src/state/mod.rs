@@ -32,6 +32,8 @@ pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
 const CF_JOURNAL: &str = "journal";
 const CF_OUTBOX: &str = "outbox";
+/// Write buffer of the outbox column family (see `open_with`).
+const OUTBOX_WRITE_BUFFER_MB: usize = 8;
 const CF_STAGE: &str = "stage";
 
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +160,13 @@ impl StateStore {
         };
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_JOURNAL, cf_opts(4)),
-            ColumnFamilyDescriptor::new(CF_OUTBOX, cf_opts(mem.write_buffer_mb)),
+            // The outbox holds one batch per partition at a time (overwritten by the next,
+            // deleted once committed), each up to a whole batch of rows: a memtable the size
+            // of the stage state's would hold several old copies (up to 64 MiB of RSS).
+            ColumnFamilyDescriptor::new(
+                CF_OUTBOX,
+                cf_opts(mem.write_buffer_mb.min(OUTBOX_WRITE_BUFFER_MB)),
+            ),
             ColumnFamilyDescriptor::new(CF_STAGE, cf_opts(mem.write_buffer_mb)),
         ];
         let path = dir.join("db");
@@ -509,7 +517,7 @@ mod tests {
     fn batch_state_journal_and_outbox_are_written_together_and_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let outbox = Outbox {
-            tables: vec![("events".into(), 2, vec![1, 2, 3])],
+            tables: vec![("events".into(), 2, bytes::Bytes::from_static(&[1, 2, 3]))],
             dead_letters: vec![],
         };
         {

@@ -132,8 +132,21 @@ impl ClickHouseSink {
         records: Vec<Record>,
         dead_letters: &mut Vec<DeadLetter>,
     ) -> BTreeMap<String, EncodedTable> {
-        let mut out: BTreeMap<String, EncodedTable> = BTreeMap::new();
+        let mut out = BTreeMap::new();
         let total = records.len();
+        self.encode_into(records, dead_letters, &mut out, total);
+        out
+    }
+
+    /// [`Self::encode`] appending to `out`, for a batch encoded in slices; `remaining`: the
+    /// batch's records not encoded yet, these included (sizes each table's buffer once).
+    pub fn encode_into(
+        &self,
+        records: Vec<Record>,
+        dead_letters: &mut Vec<DeadLetter>,
+        out: &mut BTreeMap<String, EncodedTable>,
+        remaining: usize,
+    ) {
         for (n, r) in records.into_iter().enumerate() {
             let table = r.table.as_deref().unwrap_or(&self.default_table);
             let reject = |kind: &str, message: String| DeadLetter {
@@ -164,7 +177,10 @@ impl ClickHouseSink {
                     // copying it) ~20 times on the way to a batch's megabytes; capped, in case
                     // the first row is unusually large.
                     if enc.rows == 1 {
-                        let guess = enc.data.len().saturating_mul(total - n - 1);
+                        let guess = enc
+                            .data
+                            .len()
+                            .saturating_mul(remaining.saturating_sub(n + 1));
                         enc.data.reserve(guess.min(RESERVE_CAP));
                     }
                 }
@@ -182,7 +198,6 @@ impl ClickHouseSink {
             }
         }
         out.retain(|_, e| e.rows > 0);
-        out
     }
 
     /// Inserts one encoded batch with its deduplication token. Not retried here: the engine
