@@ -189,3 +189,83 @@ async fn changelog_hands_state_over_fences_the_old_owner_and_catches_up() -> Res
     );
     Ok(())
 }
+
+/// A read_committed reader ends at the last stable offset: while a transaction is open (or its
+/// markers are not written yet) on the changelog partition, records committed after it are not
+/// readable though they are below the high watermark. A restore must wait for them instead of
+/// taking that readable end for the partition's end (then it would carry on with a state that
+/// lacks the last batches). Here another transactional producer holds a transaction open on the
+/// partition while the owner publishes a batch, and aborts it a moment after the restore began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_waits_for_records_behind_an_open_transaction() -> Result<()> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use std::time::Duration;
+
+    let kafka = services::kafka().await?;
+    if !kafka.kind.hides_aborted_transactions() {
+        eprintln!("skipped: tansu shows aborted transactions to read_committed readers");
+        return Ok(());
+    }
+    let source = unique_name("clsrc");
+    create_topic(&kafka.brokers, &source, 1).await?;
+    let kcfg = kafka_config(&kafka.brokers, &source);
+    let ccfg = ChangelogConfig {
+        topic: unique_name("clstate"),
+        replication_factor: None,
+    };
+    let pk = PartitionKey {
+        topic: source.clone(),
+        partition: 0,
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let a = StateStore::open(dir_a.path())?;
+    let b = StateStore::open(dir_b.path())?;
+    let cl_a = Changelog::connect(&kcfg, &ccfg, std::slice::from_ref(&source)).await?;
+    let cl_b = Changelog::connect(&kcfg, &ccfg, std::slice::from_ref(&source)).await?;
+    tokio::task::block_in_place(|| cl_a.restore(&a, 0))?;
+    tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 0, 9, &[("k1", Some("v1"))]))?;
+    a.complete_batch(&pk, 9)?;
+
+    // Another producer opens a transaction on the changelog partition and leaves it open.
+    let blocker: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("transactional.id", unique_name("blocker"))
+        .create()?;
+    blocker.init_transactions(Duration::from_secs(30))?;
+    blocker.begin_transaction()?;
+    blocker
+        .send(
+            BaseRecord::to(&ccfg.topic)
+                .partition(0)
+                .key("X-blocker")
+                .payload("never committed"),
+        )
+        .map_err(|(e, _)| e)?;
+    blocker.flush(Duration::from_secs(30))?;
+
+    // The owner's next batch is committed behind it.
+    tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 10, 19, &[("k2", Some("v2"))]))?;
+
+    // The open transaction ends (aborted) a moment after the new owner's restore started.
+    let aborter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        blocker.abort_transaction(Duration::from_secs(30))
+    });
+    let r = tokio::task::block_in_place(|| cl_b.restore(&b, 0))?;
+    aborter
+        .join()
+        .map_err(|_| anyhow::anyhow!("the aborting thread panicked"))??;
+    ensure!(
+        get(&b, 0, "k1")?.as_deref() == Some("v1"),
+        "k1 not restored: {r:?}"
+    );
+    ensure!(
+        get(&b, 0, "k2")?.as_deref() == Some("v2"),
+        "the batch committed behind the open transaction was not restored: {r:?}"
+    );
+    ensure!(
+        b.journal(&pk)?.pending.map(|p| p.first) == Some(10),
+        "the journal did not reach the last batch: {r:?}"
+    );
+    Ok(())
+}

@@ -191,9 +191,7 @@ impl Changelog {
         let started = Instant::now();
         let producer = self.producer_for(n)?;
         let reader = self.reader()?;
-        let (low, high) = reader
-            .fetch_watermarks(&self.topic, n, Duration::from_secs(10))
-            .map_err(|e| self.kafka_err(n, e))?;
+        let (low, high) = self.watermarks(n)?;
         let pos = store.changelog_position(n)?;
         let mut done = Restored {
             from_offset: low,
@@ -218,7 +216,7 @@ impl Changelog {
                 store.wipe_namespace(n)?;
             }
             if from < high {
-                done.records = self.replay(&reader, store, n, from)?;
+                done.records = self.replay(&reader, store, n, from, high)?;
                 if done.records == 0 && high - from > 1 {
                     // More than the commit marker of this instance's own last publish, yet
                     // nothing readable (aborted transactions): worth knowing when a handover
@@ -294,13 +292,15 @@ impl Changelog {
         })
     }
 
-    /// Applies changelog partition `n` from offset `from` to its end to the local store.
+    /// Applies changelog partition `n` from offset `from` to its end `high` (the high
+    /// watermark taken after the partition's producer was fenced) to the local store.
     fn replay(
         &self,
         consumer: &BaseConsumer,
         store: &StateStore,
         n: i32,
         from: i64,
+        high: i64,
     ) -> Result<u64, ChangelogError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, n, Offset::Offset(from))
@@ -309,7 +309,9 @@ impl Changelog {
         let mut apply = Replay::default();
         let mut records = 0u64;
         let mut last = from - 1;
-        let deadline = Instant::now() + RESTORE_PATIENCE;
+        let started = Instant::now();
+        let deadline = started + RESTORE_PATIENCE;
+        let mut held_at: Option<i64> = None;
         loop {
             if Instant::now() > deadline {
                 return Err(ChangelogError::Kafka {
@@ -321,11 +323,33 @@ impl Changelog {
                 });
             }
             let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+                // Waiting at the readable end (above): the end may be passed without another
+                // end-of-partition event (only aborted records and markers beyond it).
+                if held_at.is_some() && self.position(consumer, n).is_some_and(|at| at >= high) {
+                    break;
+                }
                 continue;
             };
             let m = match m {
                 Ok(m) => m,
-                Err(KafkaError::PartitionEOF(_)) => break,
+                Err(KafkaError::PartitionEOF(_)) => {
+                    // A read_committed reader ends at the last stable offset, which a
+                    // transaction whose commit or abort markers the broker has not written
+                    // yet holds below the end: records of the transaction the previous owner
+                    // committed last can be unreadable for a moment after the fencing. Only
+                    // the end taken after the fencing is the end.
+                    let at = self.position(consumer, n).unwrap_or(from);
+                    if at >= high {
+                        break;
+                    }
+                    if held_at.is_none() {
+                        tracing::info!(partition = n, at, end = high,
+                            "the changelog's readable end is below its end (a transaction's markers are not written yet); waiting");
+                    }
+                    held_at = Some(at);
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
                 Err(e)
                     if e.rdkafka_error_code()
                         .is_some_and(|c| c == RDKafkaErrorCode::MessageTimedOut) =>
@@ -345,10 +369,46 @@ impl Changelog {
                 store.apply_stage_writes(std::mem::take(&mut apply.stage))?;
             }
         }
+        if let Some(at) = held_at {
+            tracing::info!(
+                partition = n,
+                at,
+                end = high,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "the changelog's readable end reached its end"
+            );
+        }
         store.apply_stage_writes(std::mem::take(&mut apply.stage))?;
         let (journals, outboxes) = apply.finish()?;
         store.finish_restore(n, journals, outboxes, last)?;
         Ok(records)
+    }
+
+    /// Low and high watermark of partition `n`. Asked with `read_uncommitted`: a
+    /// `read_committed` client gets the last stable offset as the high one, which an open
+    /// transaction (or one whose markers are not written yet) holds below records that are
+    /// already committed.
+    fn watermarks(&self, n: i32) -> Result<(i64, i64), ChangelogError> {
+        let mut c = base_client_config(&self.kafka);
+        c.set("group.id", format!("{}.restore", self.txn_prefix))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_uncommitted");
+        let client: BaseConsumer = c.create().map_err(|e| ChangelogError::Topic {
+            topic: self.topic.clone(),
+            message: e.to_string(),
+        })?;
+        client
+            .fetch_watermarks(&self.topic, n, Duration::from_secs(10))
+            .map_err(|e| self.kafka_err(n, e))
+    }
+
+    /// The reader's position in partition `n` (the next offset it would read), once known.
+    fn position(&self, consumer: &BaseConsumer, n: i32) -> Option<i64> {
+        let tpl = consumer.position().ok()?;
+        match tpl.find_partition(&self.topic, n)?.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
     }
 
     /// Publishes the whole local state of namespace `n` (state that predates the changelog).
