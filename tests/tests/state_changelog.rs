@@ -75,29 +75,65 @@ fn get(store: &StateStore, partition: i32, key: &str) -> Result<Option<String>> 
     Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changelog_hands_state_over_fences_the_old_owner_and_catches_up() -> Result<()> {
+/// Two instances of one pipeline (state store and changelog client each) that will own
+/// partition `partition` of a fresh source topic with `partitions` partitions in turn.
+struct TwoOwners {
+    brokers: String,
+    changelog_topic: String,
+    pk: PartitionKey,
+    a: StateStore,
+    b: StateStore,
+    cl_a: Changelog,
+    cl_b: Changelog,
+    /// The stores' directories: bind them (`_dirs`), or they are deleted at once.
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+/// `None` (the test is skipped) on a broker that shows aborted transactions to
+/// read_committed readers (tansu).
+async fn two_owners(partitions: i32, partition: i32) -> Result<Option<TwoOwners>> {
     let kafka = services::kafka().await?;
     if !kafka.kind.hides_aborted_transactions() {
         eprintln!("skipped: tansu shows aborted transactions to read_committed readers");
-        return Ok(());
+        return Ok(None);
     }
     let source = unique_name("clsrc");
-    create_topic(&kafka.brokers, &source, 2).await?;
+    create_topic(&kafka.brokers, &source, partitions).await?;
     let kcfg = kafka_config(&kafka.brokers, &source);
     let ccfg = ChangelogConfig {
         topic: unique_name("clstate"),
         replication_factor: None,
     };
-    let pk = PartitionKey {
-        topic: source.clone(),
-        partition: 1,
+    let dirs = (tempfile::tempdir()?, tempfile::tempdir()?);
+    Ok(Some(TwoOwners {
+        a: StateStore::open(dirs.0.path())?,
+        b: StateStore::open(dirs.1.path())?,
+        cl_a: Changelog::connect(&kcfg, &ccfg, std::slice::from_ref(&source)).await?,
+        cl_b: Changelog::connect(&kcfg, &ccfg, std::slice::from_ref(&source)).await?,
+        brokers: kafka.brokers.clone(),
+        changelog_topic: ccfg.topic,
+        pk: PartitionKey {
+            topic: source,
+            partition,
+        },
+        _dirs: dirs,
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_hands_state_over_fences_the_old_owner_and_catches_up() -> Result<()> {
+    let Some(TwoOwners {
+        pk,
+        a,
+        b,
+        cl_a,
+        cl_b,
+        _dirs,
+        ..
+    }) = two_owners(2, 1).await?
+    else {
+        return Ok(());
     };
-    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let a = StateStore::open(dir_a.path())?;
-    let b = StateStore::open(dir_b.path())?;
-    let cl_a = Changelog::connect(&kcfg, &ccfg, std::slice::from_ref(&source)).await?;
-    let cl_b = Changelog::connect(&kcfg, &ccfg, std::slice::from_ref(&source)).await?;
 
     // A owns partition 1 and writes two batches; the second leaves a batch in flight.
     let r = tokio::task::block_in_place(|| cl_a.restore(&a, 1))?;
@@ -201,41 +237,33 @@ async fn restore_waits_for_records_behind_an_open_transaction() -> Result<()> {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     use std::time::Duration;
 
-    let kafka = services::kafka().await?;
-    if !kafka.kind.hides_aborted_transactions() {
-        eprintln!("skipped: tansu shows aborted transactions to read_committed readers");
+    let Some(TwoOwners {
+        brokers,
+        changelog_topic,
+        pk,
+        a,
+        b,
+        cl_a,
+        cl_b,
+        _dirs,
+    }) = two_owners(1, 0).await?
+    else {
         return Ok(());
-    }
-    let source = unique_name("clsrc");
-    create_topic(&kafka.brokers, &source, 1).await?;
-    let kcfg = kafka_config(&kafka.brokers, &source);
-    let ccfg = ChangelogConfig {
-        topic: unique_name("clstate"),
-        replication_factor: None,
     };
-    let pk = PartitionKey {
-        topic: source.clone(),
-        partition: 0,
-    };
-    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let a = StateStore::open(dir_a.path())?;
-    let b = StateStore::open(dir_b.path())?;
-    let cl_a = Changelog::connect(&kcfg, &ccfg, std::slice::from_ref(&source)).await?;
-    let cl_b = Changelog::connect(&kcfg, &ccfg, std::slice::from_ref(&source)).await?;
     tokio::task::block_in_place(|| cl_a.restore(&a, 0))?;
     tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 0, 9, &[("k1", Some("v1"))]))?;
     a.complete_batch(&pk, 9)?;
 
     // Another producer opens a transaction on the changelog partition and leaves it open.
     let blocker: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &kafka.brokers)
+        .set("bootstrap.servers", &brokers)
         .set("transactional.id", unique_name("blocker"))
         .create()?;
     blocker.init_transactions(Duration::from_secs(30))?;
     blocker.begin_transaction()?;
     blocker
         .send(
-            BaseRecord::to(&ccfg.topic)
+            BaseRecord::to(&changelog_topic)
                 .partition(0)
                 .key("X-blocker")
                 .payload("never committed"),

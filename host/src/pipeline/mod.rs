@@ -627,11 +627,11 @@ struct Worker {
     changelog: Option<Arc<Changelog>>,
 }
 
-/// How long an offset commit is retried before the run gives up on it.
 /// Records per slice of a batch through the stages and the encoder (see `Worker::process`);
 /// the WASM stage's calls are this size too.
 const SUB_BATCH: usize = crate::stage::wasm::MAX_RECORDS_PER_CALL;
 
+/// How long an offset commit is retried before the run gives up on it.
 const COMMIT_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Exponential backoff with jitter for retryable failures: 100 ms doubling to 30 s.
@@ -912,12 +912,12 @@ impl Worker {
             // encoded and freed before the next slice is read, so the batch's rows exist at
             // once only as consumed messages and as RowBinary, not also as every stage's
             // output (docs/benchmarks.md, ninth round).
-            let total = records.len();
             let mut tables = BTreeMap::new();
             let mut spent = vec![Duration::ZERO; stages.len()];
-            let mut done = 0;
             let mut consumed = records.into_iter();
             loop {
+                // Records of the batch not encoded yet, this slice's included.
+                let remaining = consumed.len();
                 let mut records: Vec<Record> = consumed
                     .by_ref()
                     .take(SUB_BATCH)
@@ -926,7 +926,6 @@ impl Worker {
                 if records.is_empty() {
                     break;
                 }
-                let taken = records.len();
                 for (i, stage) in stages.iter_mut().enumerate().skip(start) {
                     let started = Instant::now();
                     let out = if Some(i) == side_stage {
@@ -951,8 +950,7 @@ impl Worker {
                         }
                     }
                 }
-                sink.encode_into(records, &mut dead, &mut tables, total - done);
-                done += taken;
+                sink.encode_into(records, &mut dead, &mut tables, remaining);
             }
             for (i, stage) in stages.iter().enumerate().skip(start) {
                 METRICS

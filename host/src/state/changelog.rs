@@ -190,7 +190,7 @@ impl Changelog {
     pub fn restore(&self, store: &StateStore, n: i32) -> Result<Restored, ChangelogError> {
         let started = Instant::now();
         let producer = self.producer_for(n)?;
-        let reader = self.reader()?;
+        let reader = self.client("read_committed")?;
         let (low, high) = self.watermarks(n)?;
         let pos = store.changelog_position(n)?;
         let mut done = Restored {
@@ -279,12 +279,13 @@ impl Changelog {
         Ok(Arc::new(producer))
     }
 
-    fn reader(&self) -> Result<BaseConsumer, ChangelogError> {
+    /// A consumer of the changelog topic with the given `isolation.level`.
+    fn client(&self, isolation: &str) -> Result<BaseConsumer, ChangelogError> {
         let mut c = base_client_config(&self.kafka);
         c.set("group.id", format!("{}.restore", self.txn_prefix))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
-            .set("isolation.level", "read_committed")
+            .set("isolation.level", isolation)
             .set("receive.message.max.bytes", "1000000000");
         c.create().map_err(|e| ChangelogError::Topic {
             topic: self.topic.clone(),
@@ -389,15 +390,7 @@ impl Changelog {
     /// transaction (or one whose markers are not written yet) holds below records that are
     /// already committed.
     fn watermarks(&self, n: i32) -> Result<(i64, i64), ChangelogError> {
-        let mut c = base_client_config(&self.kafka);
-        c.set("group.id", format!("{}.restore", self.txn_prefix))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_uncommitted");
-        let client: BaseConsumer = c.create().map_err(|e| ChangelogError::Topic {
-            topic: self.topic.clone(),
-            message: e.to_string(),
-        })?;
-        client
+        self.client("read_uncommitted")?
             .fetch_watermarks(&self.topic, n, Duration::from_secs(10))
             .map_err(|e| self.kafka_err(n, e))
     }

@@ -148,7 +148,7 @@ impl Outbox {
         let mut header = W(Vec::with_capacity(64));
         header.0.extend_from_slice(MAGIC);
         header.u32(tables.len() as u32);
-        let (mut buf, first_span) = match tables.first_mut() {
+        let (buf, first_span) = match tables.first_mut() {
             Some((name, rows, data)) => {
                 header.bytes(name.as_bytes());
                 header.u64(*rows);
@@ -163,7 +163,7 @@ impl Outbox {
             None => (header.0, None),
         };
         let mut spans: Vec<std::ops::Range<usize>> = first_span.into_iter().collect();
-        let mut w = W(std::mem::take(&mut buf));
+        let mut w = W(buf);
         for (name, rows, data) in tables.iter().skip(1) {
             w.table(name, *rows, data);
             spans.push(w.0.len() - data.len()..w.0.len());
