@@ -417,6 +417,7 @@ impl Changelog {
                 Kind::Stage => records.push((prefixed(b'S', key), Some(value.to_vec()))),
                 Kind::Journal => records.push((prefixed(b'J', key), Some(value.to_vec()))),
                 Kind::Outbox => {
+                    let value = store.outbox_bytes(value)?;
                     for (i, c) in value.chunks(CHUNK).enumerate() {
                         records.push((chunk_key(key, i as u32), Some(c.to_vec())));
                     }

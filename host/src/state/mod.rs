@@ -3,7 +3,9 @@
 //! Three column families:
 //! - `journal`: per source partition, the offset after the last completed batch and the batch
 //!   in flight, if any;
-//! - `outbox`: the encoded output (rows per table, dead letters) of the batch in flight;
+//! - `outbox`: the encoded output (rows per table, dead letters) of the batch in flight, or,
+//!   for outboxes of 1 MiB and more, a reference to the file holding it (`outbox/` next to
+//!   the database, see [`outbox_files`]);
 //! - `stage`: stage state (dedup keys, join buffers), namespaced per stage and partition.
 //!
 //! A batch's stage-state changes, its journal entry and its outbox are written in **one**
@@ -13,9 +15,12 @@
 
 pub mod changelog;
 mod codec;
+mod outbox_files;
 mod txn;
 
 use std::path::{Path, PathBuf};
+
+use outbox_files::OutboxFiles;
 
 use rocksdb::{
     BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, DataBlockIndexType,
@@ -111,6 +116,7 @@ impl Default for StateMemory {
 pub struct StateStore {
     db: DB,
     path: PathBuf,
+    outbox_files: OutboxFiles,
 }
 
 impl StateStore {
@@ -174,7 +180,23 @@ impl StateStore {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        Ok(Self { db, path })
+        let store = Self {
+            db,
+            path,
+            outbox_files: OutboxFiles::open(dir.join("outbox"))?,
+        };
+        // Files of batches finished (or never referenced) before the last stop.
+        let mut live = Vec::new();
+        let mut it = store.db.raw_iterator_cf(store.cf(CF_OUTBOX)?);
+        it.seek_to_first();
+        while let Some(v) = it.value() {
+            live.push(v.to_vec());
+            it.next();
+        }
+        it.status()?;
+        drop(it);
+        store.outbox_files.remove_all_but(&live);
+        Ok(store)
     }
 
     pub fn path(&self) -> &Path {
@@ -260,13 +282,18 @@ impl StateStore {
         changelog: Option<(i32, i64)>,
     ) -> Result<(), StateError> {
         let key = Self::partition_key(pk);
+        let stored = if outbox.len() >= outbox_files::FILE_MIN_BYTES {
+            std::borrow::Cow::Owned(self.outbox_files.write(&key, outbox)?)
+        } else {
+            std::borrow::Cow::Borrowed(outbox)
+        };
         let (mut batch, hooks) = txn.into_write_batch(self.cf(CF_STAGE)?);
         batch.put_cf(
             self.cf(CF_JOURNAL)?,
             &key,
             Self::journal_bytes(pk, journal)?,
         );
-        batch.put_cf(self.cf(CF_OUTBOX)?, &key, outbox);
+        batch.put_cf(self.cf(CF_OUTBOX)?, &key, &stored);
         if let Some((n, offset)) = changelog {
             batch.put_cf(
                 self.cf(CF_JOURNAL)?,
@@ -275,6 +302,8 @@ impl StateStore {
             );
         }
         self.write(batch, true)?;
+        // Synced: no reference to the partition's earlier files is left.
+        self.outbox_files.remove_unreferenced(&key, Some(&stored));
         for hook in hooks {
             hook();
         }
@@ -308,11 +337,15 @@ impl StateStore {
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_JOURNAL)?, changelog::position_key(n));
         self.write(std::mem::take(&mut batch), true)?;
+        let mut outboxes = Vec::new();
         self.for_each_in_namespace(n, |kind, k, _| {
             let cf = match kind {
                 changelog::Kind::Stage => CF_STAGE,
                 changelog::Kind::Journal => CF_JOURNAL,
-                changelog::Kind::Outbox => CF_OUTBOX,
+                changelog::Kind::Outbox => {
+                    outboxes.push(k.to_vec());
+                    CF_OUTBOX
+                }
             };
             batch.delete_cf(self.cf(cf)?, k);
             if batch.len() >= 65_536 {
@@ -320,10 +353,15 @@ impl StateStore {
             }
             Ok(())
         })?;
-        self.write(batch, true)
+        self.write(batch, true)?;
+        for k in outboxes {
+            self.outbox_files.remove_unreferenced(&k, None);
+        }
+        Ok(())
     }
 
-    /// Calls `f` on every entry of partition number `n` (position records excluded).
+    /// Calls `f` on every entry of partition number `n` (position records excluded). An
+    /// outbox's value may be a file reference: see [`StateStore::outbox_bytes`].
     pub(crate) fn for_each_in_namespace(
         &self,
         n: i32,
@@ -389,6 +427,8 @@ impl StateStore {
                 None => batch.delete_cf(jcf, k),
             }
         }
+        // Restored outboxes are stored inline: a restore is rare and they are read back soon.
+        let keys: Vec<Vec<u8>> = outboxes.iter().map(|(k, _)| k.clone()).collect();
         for (k, v) in outboxes {
             match v {
                 Some(v) => batch.put_cf(ocf, k, v),
@@ -396,7 +436,20 @@ impl StateStore {
             }
         }
         batch.put_cf(jcf, changelog::position_key(n), last.to_be_bytes());
-        self.write(batch, true)
+        self.write(batch, true)?;
+        for k in keys {
+            self.outbox_files.remove_unreferenced(&k, None);
+        }
+        Ok(())
+    }
+
+    /// The encoded outbox an `outbox` column family value stands for (read from its file if
+    /// it is a reference).
+    pub(crate) fn outbox_bytes<'a>(
+        &self,
+        value: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>, StateError> {
+        self.outbox_files.resolve(value)
     }
 
     /// The output of the batch in flight on `pk`, if it was fixed before a stop.
@@ -407,7 +460,7 @@ impl StateStore {
         else {
             return Ok(None);
         };
-        Outbox::decode(&v)
+        Outbox::decode(&self.outbox_bytes(&v)?)
             .map(Some)
             .map_err(|message| StateError::Corrupt {
                 key: pk.to_string(),
@@ -416,7 +469,8 @@ impl StateStore {
     }
 
     /// Records that a batch was inserted and its offsets committed. Not synced: if this write
-    /// is lost, the outbox is re-sent once more and ClickHouse drops it by its token.
+    /// is lost, the outbox is re-sent once more and ClickHouse drops it by its token (so an
+    /// outbox file stays until a later synced write, see [`outbox_files`]).
     pub fn complete_batch(&self, pk: &PartitionKey, last: i64) -> Result<(), StateError> {
         let mut j = self.journal(pk)?;
         j.pending = None;
@@ -448,6 +502,7 @@ impl StateStore {
         batch.put_cf(self.cf(CF_JOURNAL)?, &key, Self::journal_bytes(pk, &j)?);
         batch.delete_cf(self.cf(CF_OUTBOX)?, &key);
         self.write(batch, true)?;
+        self.outbox_files.remove_unreferenced(&key, None);
         Ok(horizon)
     }
 
@@ -563,5 +618,55 @@ mod tests {
         assert_eq!(j.pending, None);
         assert_eq!(j.next_offset, Some(20));
         assert_eq!(s.outbox(&pk()).expect("outbox"), None);
+    }
+
+    fn outbox_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("outbox")).map_or(0, |d| d.count())
+    }
+
+    #[test]
+    fn a_large_outbox_lives_in_a_file_until_no_synced_reference_is_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = |b: u8| Outbox {
+            tables: vec![(
+                "events".into(),
+                1,
+                bytes::Bytes::from(vec![b; outbox_files::FILE_MIN_BYTES]),
+            )],
+            dead_letters: vec![],
+        };
+        {
+            let s = StateStore::open(dir.path()).expect("open");
+            s.begin_batch(&pk(), 0, 9, s.txn(), &big(1)).expect("begin");
+            assert_eq!(outbox_files(dir.path()), 1);
+            // The next batch of the partition replaces the file.
+            s.begin_batch(&pk(), 10, 19, s.txn(), &big(2))
+                .expect("begin");
+            assert_eq!(outbox_files(dir.path()), 1);
+        }
+        let s = StateStore::open(dir.path()).expect("reopen");
+        assert_eq!(s.outbox(&pk()).expect("outbox"), Some(big(2)));
+        // Its commit is not synced: the file stays until the next open.
+        s.complete_batch(&pk(), 19).expect("complete");
+        assert_eq!(s.outbox(&pk()).expect("outbox"), None);
+        assert_eq!(outbox_files(dir.path()), 1);
+        drop(s);
+        let s = StateStore::open(dir.path()).expect("reopen");
+        assert_eq!(outbox_files(dir.path()), 0);
+        // A damaged file is an error naming it, not an empty outbox.
+        s.begin_batch(&pk(), 20, 29, s.txn(), &big(3))
+            .expect("begin");
+        for f in std::fs::read_dir(dir.path().join("outbox")).expect("list") {
+            std::fs::write(f.expect("entry").path(), b"short").expect("damage");
+        }
+        let e = s.outbox(&pk()).expect_err("damaged");
+        assert!(e.to_string().contains("outbox"), "{e}");
+        // A small outbox stays inline, and a rewind drops the partition's files.
+        s.rewind_partition(&pk()).expect("rewind");
+        assert_eq!(outbox_files(dir.path()), 0);
+        s.begin_batch(&pk(), 30, 39, s.txn(), &Outbox::default())
+            .expect("begin");
+        assert_eq!(outbox_files(dir.path()), 0);
+        assert_eq!(s.outbox(&pk()).expect("outbox"), Some(Outbox::default()));
     }
 }

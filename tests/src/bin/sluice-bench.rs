@@ -620,7 +620,10 @@ impl Bench {
         }
         if profile {
             perf_report(&perf_data, &self.work.join(format!("perf-{kind}.txt")))?;
-            std::fs::remove_file(&perf_data).ok();
+            // `SLUICE_BENCH_KEEP_PERF=1` keeps the data for other `perf report` views.
+            if std::env::var_os("SLUICE_BENCH_KEEP_PERF").is_none() {
+                std::fs::remove_file(&perf_data).ok();
+            }
         }
         let total = procfs::combine(&vis.usage);
         let check = if stages.is_some() {
