@@ -95,6 +95,9 @@ struct Target {
     changelog: Option<String>,
     /// A dead-letter topic of its own (default: the workload's, which the checks read).
     dlq: Option<String>,
+    /// `state.outbox_file_min_kb` (default: sluice's, 1 MiB, which the small batches here
+    /// never reach).
+    outbox_file_min_kb: Option<usize>,
 }
 
 struct Workload {
@@ -252,6 +255,7 @@ impl Workload {
             instance_id: None,
             changelog: None,
             dlq: None,
+            outbox_file_min_kb: None,
         }
     }
 
@@ -270,6 +274,10 @@ impl Workload {
             .changelog
             .as_ref()
             .map(|c| format!("  changelog: {{topic: {c}}}\n"))
+            .unwrap_or_default();
+        let outbox_files = t
+            .outbox_file_min_kb
+            .map(|kb| format!("  outbox_file_min_kb: {kb}\n"))
             .unwrap_or_default();
         std::fs::write(
             &path,
@@ -316,7 +324,7 @@ dead_letter:
   topic: {dlq}
 state:
   dir: {state}
-{changelog}"#,
+{changelog}{outbox_files}"#,
                 group = t.group,
                 brokers = self.brokers,
                 tx = self.tx_topic,
@@ -791,6 +799,8 @@ async fn fault_kill9_at_random_moments_loses_and_duplicates_nothing() -> Result<
         )
         .await?;
         let mut target = w.main_target();
+        // Every outbox in a file: kills land between its write, its reference's and its deletion.
+        target.outbox_file_min_kb = Some(0);
         // Every other round with the state changelog: each restart then also restores from it
         // (the batch in flight comes back from the changelog's copy).
         if round % 2 == 1 {
@@ -1346,6 +1356,7 @@ async fn rebalance_two_instances_one_killed_and_restarted() -> Result<()> {
             changelog: None,
             // Its dead letters must not mix with the checked instances'.
             dlq: Some(unique_name("fsingle_dlq")),
+            outbox_file_min_kb: None,
         };
         w.create_table(&single.table).await?;
         let mut s = SluiceProcess::run(&w.config(&single, 100)?, &w.log("single"))?;

@@ -352,6 +352,11 @@ pub struct StateConfig {
     /// are in memory. Default 32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_buffer_mb: Option<usize>,
+    /// A batch's encoded output at least this big (KiB) is journaled in a file of its own
+    /// (`<dir>/outbox/`) rather than in RocksDB, where it would pass through the write-ahead
+    /// log, a memtable and a table file. Default 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox_file_min_kb: Option<usize>,
     /// Hand-off of per-partition state between instances of one consumer group through a
     /// compacted Kafka topic. Needed when more than one instance runs the pipeline: without
     /// it, a partition that moves arrives at its new owner without its dedup keys and join
@@ -378,6 +383,9 @@ impl StateConfig {
         crate::state::StateMemory {
             block_cache_mb: self.block_cache_mb.unwrap_or(d.block_cache_mb).max(1),
             write_buffer_mb: self.write_buffer_mb.unwrap_or(d.write_buffer_mb).max(1),
+            outbox_file_min_bytes: self
+                .outbox_file_min_kb
+                .map_or(d.outbox_file_min_bytes, |kb| kb.saturating_mul(1024)),
         }
     }
 }

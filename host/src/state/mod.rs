@@ -97,11 +97,14 @@ pub(crate) fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StateError> {
     })
 }
 
-/// Memory knobs of the state store (RocksDB block cache and write buffers).
+/// Memory knobs of the state store (RocksDB block cache and write buffers, and which
+/// outboxes bypass them).
 #[derive(Debug, Clone, Copy)]
 pub struct StateMemory {
     pub block_cache_mb: usize,
     pub write_buffer_mb: usize,
+    /// Outboxes at least this big go to a file (see [`outbox_files`]).
+    pub outbox_file_min_bytes: usize,
 }
 
 impl Default for StateMemory {
@@ -109,6 +112,8 @@ impl Default for StateMemory {
         Self {
             block_cache_mb: 64,
             write_buffer_mb: 32,
+            // Smaller ones cost less inline than a file's two syncs.
+            outbox_file_min_bytes: 1 << 20,
         }
     }
 }
@@ -117,6 +122,7 @@ pub struct StateStore {
     db: DB,
     path: PathBuf,
     outbox_files: OutboxFiles,
+    outbox_file_min_bytes: usize,
 }
 
 impl StateStore {
@@ -184,6 +190,7 @@ impl StateStore {
             db,
             path,
             outbox_files: OutboxFiles::open(dir.join("outbox"))?,
+            outbox_file_min_bytes: mem.outbox_file_min_bytes,
         };
         // Files of batches finished (or never referenced) before the last stop.
         let mut live = Vec::new();
@@ -282,7 +289,7 @@ impl StateStore {
         changelog: Option<(i32, i64)>,
     ) -> Result<(), StateError> {
         let key = Self::partition_key(pk);
-        let stored = if outbox.len() >= outbox_files::FILE_MIN_BYTES {
+        let stored = if outbox.len() >= self.outbox_file_min_bytes {
             std::borrow::Cow::Owned(self.outbox_files.write(&key, outbox)?)
         } else {
             std::borrow::Cow::Borrowed(outbox)
@@ -631,7 +638,7 @@ mod tests {
             tables: vec![(
                 "events".into(),
                 1,
-                bytes::Bytes::from(vec![b; outbox_files::FILE_MIN_BYTES]),
+                bytes::Bytes::from(vec![b; StateMemory::default().outbox_file_min_bytes]),
             )],
             dead_letters: vec![],
         };

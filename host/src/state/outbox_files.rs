@@ -1,4 +1,4 @@
-//! Large outboxes live in files of their own, next to the database; the `outbox` column family
+//! Large outboxes (1 MiB and more by default, `state.outbox_file_min_kb`) live in files of their own, next to the database; the `outbox` column family
 //! then holds a small reference to the file (name, length, CRC-32) instead of the bytes.
 //!
 //! Why: a batch's encoded rows (~30 MB per 100,000 reference rows) written as one RocksDB
@@ -22,10 +22,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::StateError;
-
-/// Outboxes at least this big go to a file; smaller ones stay inline in RocksDB, where they
-/// cost less than a file's two syncs.
-pub(crate) const FILE_MIN_BYTES: usize = 1 << 20;
 
 /// Starts a reference value (an inline outbox starts with `SOB1`).
 const REF_MAGIC: &[u8; 4] = b"SOBF";
