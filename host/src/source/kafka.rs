@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
@@ -322,8 +322,12 @@ impl KafkaSource {
         // A rebalance callback runs inside a poll: stop taking messages after one, so the engine
         // sees the event before the messages that follow it.
         let changes = self.ownership.changes();
+        // One stream for the whole chunk: `recv` makes a stream per message, and each one
+        // registers and unregisters a waker under a lock.
+        let mut stream = self.consumer.stream();
         let first = loop {
-            match self.consumer.recv().await {
+            let next = stream.next().await;
+            match next.ok_or_else(|| SourceError::Receive("the consumer's stream ended".into()))? {
                 Ok(m) => break m,
                 Err(e) => {
                     self.recoverable(e)?;
@@ -334,7 +338,7 @@ impl KafkaSource {
         };
         let mut messages = vec![first];
         while messages.len() < max && self.ownership.changes() == changes {
-            match self.consumer.recv().now_or_never() {
+            match stream.next().now_or_never().flatten() {
                 Some(Ok(m)) => messages.push(m),
                 // Reported here; the next call waits it out.
                 Some(Err(e)) => {
@@ -375,6 +379,7 @@ impl KafkaSource {
             });
         }
         drop(messages);
+        drop(stream);
         if let Some(o) = out.first() {
             if crate::fault::hit(crate::fault::REDELIVER) {
                 let at = Offset::Offset(o.offset);

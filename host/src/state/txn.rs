@@ -14,6 +14,8 @@ pub(super) type CommitHook = Box<dyn FnOnce() + Send>;
 /// Reads see committed state plus this transaction's own writes.
 pub struct StateTxn<'s> {
     store: &'s StateStore,
+    /// Unique in the process (see [`StateTxn::id`]).
+    id: u64,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     hooks: Vec<CommitHook>,
     /// One iterator over committed stage state for all range reads of the batch: creating one
@@ -23,8 +25,10 @@ pub struct StateTxn<'s> {
 
 impl<'s> StateTxn<'s> {
     pub(super) fn new(store: &'s StateStore) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
             store,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             overlay: BTreeMap::new(),
             hooks: Vec::new(),
             reader: RefCell::new(None),
@@ -49,6 +53,14 @@ impl<'s> StateTxn<'s> {
         }
         it.status()?;
         Ok(out)
+    }
+
+    /// Identifies this transaction within the process. A batch may reach a stage in several
+    /// calls within one transaction: a stage that keeps an in-memory view of what the
+    /// transaction wrote so far uses the id to tell a later call of the same batch from the
+    /// first call of the next one (the previous transaction committed or was dropped).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Runs `f` after this transaction's synced write succeeded, never if it is dropped: how a
@@ -153,6 +165,11 @@ impl StageState<'_, '_> {
             out[i] = v;
         }
         Ok(out)
+    }
+
+    /// See [`StateTxn::id`].
+    pub fn txn_id(&self) -> u64 {
+        self.txn.id
     }
 
     /// See [`StateTxn::on_commit`].

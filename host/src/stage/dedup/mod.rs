@@ -123,6 +123,10 @@ pub struct DedupStage {
     hashes: Hashes,
     /// Shared with the commit hooks of this stage's batches, which alone change it.
     index: Arc<Mutex<Indexes>>,
+    /// The keys first seen by the transaction in progress (its id; per partition number): a
+    /// batch comes in several calls (slices) within one transaction, and a key first seen in
+    /// an earlier slice is not in `index` until the transaction commits.
+    uncommitted: (u64, HashMap<i32, FingerprintMap<Seen>>),
     /// Of the batch being processed: offsets below this were delivered before a rewind.
     redelivered_below: Option<i64>,
 }
@@ -140,6 +144,7 @@ impl DedupStage {
             sweeper: Sweeper::default(),
             hashes: Hashes::random(),
             index: Arc::new(Mutex::new(HashMap::new())),
+            uncommitted: (0, HashMap::new()),
             redelivered_below: None,
         }
     }
@@ -198,8 +203,14 @@ impl DedupStage {
             .lock()
             .map_err(|_| StateError::Io("dedup index poisoned by an earlier panic".into()))?;
         let index = self.partition_index(&mut indexes, partition, st)?;
-        // This batch's inserts: the index changes only when the batch commits.
+        // The inserts of this call (applied to the index when the batch commits), and of the
+        // transaction's earlier calls (stale ones, of a transaction dropped or committed, are
+        // discarded).
         let mut fresh: FingerprintMap<Seen> = FingerprintMap::default();
+        if self.uncommitted.0 != st.txn_id() {
+            self.uncommitted = (st.txn_id(), HashMap::new());
+        }
+        let mut earlier = self.uncommitted.1.remove(&partition).unwrap_or_default();
 
         // Keys and fingerprints first, then all index probes in one tight loop: independent
         // probes overlap their cache misses (a large index is far bigger than the CPU caches).
@@ -232,7 +243,11 @@ impl DedupStage {
                 out.records.push(r);
                 continue;
             }
-            let mut known = fresh.get(&fp).copied().or(probe);
+            let mut known = fresh
+                .get(&fp)
+                .or_else(|| earlier.get(&fp))
+                .copied()
+                .or(probe);
             if known.is_some_and(|seen| seen.ts() >= oldest_live && seen.at() == tag_of(&r)) {
                 // Perhaps this very record read again (a rewound partition): the stored
                 // position decides. Absent means the fingerprint was another key's.
@@ -268,6 +283,8 @@ impl DedupStage {
             out.records.push(r);
         }
 
+        earlier.extend(fresh.iter().map(|(fp, seen)| (*fp, *seen)));
+        self.uncommitted.1.insert(partition, earlier);
         let mut changes = Changes {
             inserted: fresh.into_iter().collect(),
             removed: Vec::new(),
@@ -667,6 +684,53 @@ pub(crate) mod tests {
         );
         assert_eq!(ids(&out), ["b"]);
         assert_eq!(index_len(&s, 0), 2);
+    }
+
+    #[test]
+    fn a_batch_in_several_calls_sees_the_keys_of_its_earlier_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("key: /id\nwindow: 1h\ntime: {field: /ts}\n");
+        let c = ctx("t", 0);
+        // The engine runs a large batch through the stages in slices, in one transaction.
+        let mut txn = store.txn();
+        let first = s
+            .process(vec![record("t", 0, 0, ev("a", BASE))], &c, &mut txn)
+            .unwrap();
+        let second = s
+            .process(
+                vec![
+                    record("t", 0, 1, ev("a", BASE + 1)),
+                    record("t", 0, 2, ev("b", BASE + 2)),
+                ],
+                &c,
+                &mut txn,
+            )
+            .unwrap();
+        assert_eq!(ids(&first), ["a"]);
+        assert_eq!(ids(&second), ["b"]);
+        assert_eq!(counter(&second, "duplicates"), 1);
+        // Another partition's calls in the same transaction do not see them.
+        let other = s
+            .process(
+                vec![record("t", 1, 0, ev("a", BASE))],
+                &ctx("t", 1),
+                &mut txn,
+            )
+            .unwrap();
+        assert_eq!(ids(&other), ["a"]);
+        drop(txn);
+        // Nor does the next transaction, the earlier one having been dropped.
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![
+                record("t", 0, 3, ev("b", BASE + 3)),
+                record("t", 0, 4, ev("a", BASE + 4)),
+            ],
+        );
+        assert_eq!(ids(&out), ["b", "a"]);
     }
 
     #[test]
