@@ -656,6 +656,70 @@ async fn e2e_dedup_window_expiry() -> Result<()> {
     Ok(())
 }
 
+/// A batch larger than the engine's slice (4,096 records) reaches the stages in several calls
+/// within one state transaction: a key first seen in an earlier slice must count as seen in a
+/// later one although the dedup index learns it only at the commit (this let repeats through
+/// before 2026-12-06).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_dedup_within_a_batch_larger_than_a_slice() -> Result<()> {
+    let env = Env::new().await?;
+    let topic = env.topic("big", 1).await?;
+    env.table("id String, ts Int64, seq Int64").await?;
+    // Even positions bring new ids; each odd one repeats an even position's id from 1 to 7,999
+    // records earlier, so whatever the batch boundaries (the backlog's batches ramp up from
+    // 1,000 rows to the 16,000 below), batches past 4,096 rows hold repeats of first
+    // occurrences in their own earlier slices.
+    const N: i64 = 24_000;
+    let id_of = |j: i64| {
+        let d = 1 + 2 * ((j * 7919) % 4000);
+        if j % 2 == 0 {
+            j
+        } else if d <= j {
+            j - d
+        } else {
+            j - 1
+        }
+    };
+    produce(
+        &env.kafka.brokers,
+        &topic,
+        (0..N).map(|j| {
+            TestRecord::new(
+                serde_json::to_vec(
+                    &json!({"id": format!("e{}", id_of(j)), "ts": BASE_TS_MS + j, "seq": j}),
+                )
+                .unwrap_or_default(),
+            )
+        }),
+    )
+    .await?;
+    let config = env.pipeline(
+        &[&topic],
+        "  - name: dedup\n    dedup:\n      key: /id\n      window: 1h\n      time: {field: /ts, format: epoch_ms}\n",
+        16_000,
+    )?;
+    let mut p = SluiceProcess::run(&config, &env.log(0))?;
+    let expected = (N / 2) as u64;
+    env.wait_rows(&mut p, expected, Duration::from_secs(120))
+        .await?;
+    let rows = env.rows("seq").await?;
+    let odd: Vec<i64> = rows
+        .iter()
+        .map(|r| num(&r["seq"]))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|s| s % 2 == 1)
+        .take(5)
+        .collect();
+    ensure!(
+        rows.len() as u64 == expected && odd.is_empty(),
+        "{} rows, expected {expected}; repeats let through at positions {odd:?}",
+        rows.len()
+    );
+    p.terminate(Duration::from_secs(30))?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_dedup_composite_keys_and_missing_key_fields() -> Result<()> {
     let env = Env::new().await?;

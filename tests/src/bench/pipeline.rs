@@ -231,16 +231,17 @@ pub async fn ch_count(ch: &clickhouse::Client, table: &str) -> Result<u64> {
 }
 
 /// Why `table` has more rows than expected: the same source record inserted twice (sluice's
-/// fault), or more records in the topic than the producer counted (a producer retry the broker
-/// wrote twice: distinct offsets, repeated ids).
+/// fault), or distinct offsets with repeated ids: more records in the topic than the producer
+/// counted (a producer retry the broker wrote twice) or, where a dedup stage runs, repeats it
+/// let through (how a dedup bug showed on 2026-12-06).
 async fn too_many_rows(ch: &clickhouse::Client, table: &str, n: u64, expected: u64) -> String {
     let q =
         format!("SELECT uniqExact(source_partition, source_offset), uniqExact(id) FROM {table}");
     match ch.query(&q).fetch_one::<(u64, u64)>().await {
         Ok((positions, ids)) if positions == n => format!(
             "{table} has {n} rows, expected {expected}, but no source record twice ({positions} \
-             distinct offsets, {ids} distinct ids): the topic holds more records than the \
-             producer counted"
+             distinct offsets, {ids} distinct ids): records the producer did not count (a \
+             retry the broker wrote twice) or, with a dedup stage, repeats it let through"
         ),
         Ok((positions, ids)) => {
             let q = format!(
