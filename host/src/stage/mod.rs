@@ -72,7 +72,10 @@ impl StageError {
 /// A batch larger than a few thousand records reaches the stage in consecutive slices (the
 /// engine encodes each slice's output before reading the next, to bound memory): `process`
 /// is then called several times with the same `ctx` and `state` transaction, each time with
-/// the records after the previous slice's. A stage must not assume one call per batch.
+/// the records after the previous slice's. A stage must not assume one call per batch: what
+/// an earlier slice wrote is visible through `state`, but an in-memory view that changes only
+/// on commit (as dedup's key index) must also hold what the transaction's earlier calls
+/// added ([`crate::state::StateTxn::id`] tells them from the next batch's).
 ///
 /// State lives in `state` (RocksDB behind a per-batch transaction: use
 /// `state.stage(self.name(), ctx.partition.partition)`). The engine writes the transaction
