@@ -202,8 +202,7 @@ impl SluiceProc {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
+                Self::kill(self.pid, c);
                 bail!(
                     "sluice did not stop within {timeout:?}\n{}",
                     self.log_tail()
@@ -214,11 +213,25 @@ impl SluiceProc {
     }
 }
 
+impl SluiceProc {
+    /// Kills sluice and, if it runs under a wrapper (`perf`), the wrapper: killing the wrapper
+    /// alone left sluice running after a failed profiled run, a consumer-group member that
+    /// fenced the next run's sluice.
+    fn kill(pid: u32, mut c: std::process::Child) {
+        if pid != c.id() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 impl Drop for SluiceProc {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            Self::kill(self.pid, c);
         }
     }
 }
