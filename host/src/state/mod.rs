@@ -197,7 +197,10 @@ impl StateStore {
         let mut it = store.db.raw_iterator_cf(store.cf(CF_OUTBOX)?);
         it.seek_to_first();
         while let Some(v) = it.value() {
-            live.push(v.to_vec());
+            // Inline outboxes (restored ones, or written before outbox files) are not copied.
+            if OutboxFiles::is_reference(v) {
+                live.push(v.to_vec());
+            }
             it.next();
         }
         it.status()?;

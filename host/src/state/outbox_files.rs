@@ -73,6 +73,11 @@ impl OutboxFiles {
         Ok(r)
     }
 
+    /// Whether a stored value is a file reference (not an inline outbox).
+    pub(crate) fn is_reference(value: &[u8]) -> bool {
+        value.starts_with(REF_MAGIC)
+    }
+
     /// The file a stored value refers to (`None`: the value is an inline outbox).
     fn referenced(value: &[u8]) -> Option<(u64, u32, &str)> {
         let rest = value.strip_prefix(REF_MAGIC)?;
@@ -86,7 +91,7 @@ impl OutboxFiles {
     /// The outbox bytes a stored value stands for: the value itself, or its file's content
     /// (checked against the reference's length and CRC).
     pub(crate) fn resolve<'a>(&self, value: &'a [u8]) -> Result<Cow<'a, [u8]>, StateError> {
-        if !value.starts_with(REF_MAGIC) {
+        if !Self::is_reference(value) {
             return Ok(Cow::Borrowed(value));
         }
         let Some((len, crc, name)) = Self::referenced(value) else {
