@@ -1,12 +1,13 @@
-//! Large outboxes (1 MiB and more by default, `state.outbox_file_min_kb`) live in files of their own, next to the database; the `outbox` column family
-//! then holds a small reference to the file (name, length, CRC-32) instead of the bytes.
+//! Large outboxes (1 MiB and more by default, `state.outbox_file_min_kb`) live in files of
+//! their own, next to the database; the `outbox` column family then holds a small reference
+//! to the file (name, length, CRC-32) instead of the bytes.
 //!
 //! Why: a batch's encoded rows (~30 MB per 100,000 reference rows) written as one RocksDB
 //! value were copied into the write batch, the write-ahead log and a memtable, then — the
 //! value being larger than the outbox's write buffer — flushed at once into an LZ4-compressed
 //! table file and compacted away after the commit deleted it: ~7 % of the plain path's CPU,
 //! page faults included, for bytes that are read back only after a crash. A file costs one
-//! write and one `fdatasync`.
+//! write, one `fdatasync` and a sync of its directory.
 //!
 //! Crash safety: the file is synced (and its directory entry) *before* the RocksDB write that
 //! references it, so a committed reference always finds its file. A file is deleted only once
@@ -102,13 +103,13 @@ impl OutboxFiles {
         };
         let path = self.dir.join(name);
         let data = std::fs::read(&path).map_err(|e| io_err("read", &path, e))?;
-        if data.len() as u64 != len || crc32fast::hash(&data) != crc {
+        let found = crc32fast::hash(&data);
+        if data.len() as u64 != len || found != crc {
             return Err(StateError::Corrupt {
                 key: path.display().to_string(),
                 message: format!(
-                    "outbox file has {} bytes with CRC {:08x}, its reference says {len} bytes, CRC {crc:08x}",
+                    "outbox file has {} bytes with CRC {found:08x}, its reference says {len} bytes, CRC {crc:08x}",
                     data.len(),
-                    crc32fast::hash(&data)
                 ),
             });
         }
