@@ -131,6 +131,9 @@ struct Letters {
     unexpected: usize,
     /// Missing ones the broker lost with a transaction it acknowledged across its restart.
     lost_by_broker: usize,
+    /// Source positions (partition, offset) of some duplicated and missing ones, to find
+    /// their batches in the logs.
+    examples: Vec<String>,
 }
 
 impl Letters {
@@ -601,7 +604,13 @@ state:
                 None => {}
                 Some(None) => out.unexpected += 1,
                 Some(Some(pos)) if !model.dead.contains(&pos) => out.unexpected += 1,
-                Some(Some(pos)) => out.duplicated += usize::from(!found.insert(pos)),
+                Some(Some(pos)) => {
+                    if !found.insert(pos) {
+                        out.duplicated += 1;
+                        out.examples
+                            .push(format!("duplicated: {}@{}", pos.0, pos.1));
+                    }
+                }
             }
         }
         let missing: BTreeSet<_> = model.dead.difference(&found).copied().collect();
@@ -630,6 +639,9 @@ state:
         }
         out.lost_by_broker = lost.len();
         out.missing = missing.len() - lost.len();
+        for (p, o) in missing.difference(&lost).take(6) {
+            out.examples.push(format!("missing: {p}@{o}"));
+        }
         Ok(out)
     }
 
@@ -733,6 +745,9 @@ async fn finish_run(
     ));
     for e in o.examples.iter().take(6) {
         say(format!("  {e}"));
+    }
+    for e in d.examples.iter().take(6) {
+        say(format!("  dead letter {e}"));
     }
     let letters_ok = d.ok();
     if !letters_ok {

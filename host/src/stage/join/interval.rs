@@ -33,7 +33,7 @@ use crate::stage::keyed::{
     EventTimeConfig, IndexEntry, KeySpec, OutputShape, Reject, Sweeper, TimeSource,
 };
 use crate::stage::{BatchContext, Stage, StageError, StageOutput};
-use crate::state::{Entries, StageState, StateError, StateTxn};
+use crate::state::{StageState, StateError, StateTxn};
 
 use super::codec;
 use super::config::{IntervalJoinConfig, JoinMode};
@@ -145,6 +145,30 @@ struct Arrival<'a> {
     pos: Vec<u8>,
 }
 
+/// A buffered record of the other side, read for one call: decoded on first use (a key's
+/// range can hold records that pair with none of the call's records).
+struct Buffered {
+    ts: i64,
+    pos: Vec<u8>,
+    blob: Vec<u8>,
+    /// The record (lefts only: a right contributes just its value) and its JSON value.
+    parsed: Option<(Option<Record>, Value)>,
+}
+
+impl Buffered {
+    fn parsed(
+        &mut self,
+        decode: impl FnOnce(&[u8]) -> Result<(Option<Record>, Value), StateError>,
+    ) -> Result<(Option<&Record>, &Value), StateError> {
+        let parsed = match self.parsed.take() {
+            Some(p) => p,
+            None => decode(&self.blob)?,
+        };
+        let (r, v) = self.parsed.insert(parsed);
+        Ok((r.as_ref(), v))
+    }
+}
+
 /// A record's place in its source: offset, a sequence number among the outputs of the same
 /// Kafka message, and the topic. Unique within a partition number.
 fn position(r: &Record, seq: u32) -> Vec<u8> {
@@ -172,6 +196,26 @@ pub struct IntervalJoinStage {
     after: i64,
     lateness: i64,
     sweepers: [Sweeper; 2],
+    /// Buffered partners read in the current transaction (see [`Partners`]).
+    partners: Partners,
+}
+
+/// The buffered records of the other side read during one transaction, per key. A batch
+/// reaches the stage in several calls (slices) in one transaction; reading a key's partners
+/// once per transaction instead of once per record saves most of the join's state reads.
+///
+/// Within a transaction the buffer of the other side only loses records (the sweep at the
+/// end of each call; the other side's records arrive in other batches), and a swept record
+/// cannot pair with any record that is not late, so a list read earlier in the transaction
+/// still gives exactly the partners of every later record of the same side.
+#[derive(Default)]
+struct Partners {
+    /// Transaction, partition number and side the lists were read for.
+    txn: u64,
+    partition: i32,
+    side: Option<Side>,
+    /// Key → (the time range of the other side read, its buffered records in it).
+    keys: HashMap<Vec<u8>, (i64, i64, Vec<Buffered>)>,
 }
 
 /// Per-batch view of the side watermarks and sweep cursors (indexed by [`Side`]), written
@@ -235,6 +279,7 @@ impl IntervalJoinStage {
             lateness: cfg.allowed_lateness.as_millis_i64(),
             cfg: cfg.clone(),
             sweepers: [Sweeper::default(), Sweeper::default()],
+            partners: Partners::default(),
         })
     }
 
@@ -305,16 +350,24 @@ impl IntervalJoinStage {
 
     /// One batch of `side`: each record pairs with the buffered records of the other side in
     /// its window and is buffered itself; then what can no longer pair expires.
+    ///
+    /// The lateness checks run first, in order (each record moves its side's watermark);
+    /// then each key's buffered partners are read once, over the union of its records'
+    /// windows, and kept for the rest of the transaction ([`Partners`]). Records of the same
+    /// side never pair with each other, so what the batch buffers does not change them.
     fn process_batch(
         &mut self,
         side: Side,
+        partition: i32,
         batch: Vec<Record>,
         st: &mut StageState<'_, '_>,
     ) -> Result<StageOutput, StateError> {
         let mut out = StageOutput::default();
         let mut marks = Marks::load(st)?;
         let mut seqs: HashMap<i64, u32> = HashMap::new();
-        let mut matches = 0u64;
+        let mut arrivals = Vec::with_capacity(batch.len());
+        // Per key: the earliest and latest event time among this call's records.
+        let mut spans: HashMap<Vec<u8>, (i64, i64)> = HashMap::new();
         for r in &batch {
             let Some((v, key, ts)) = or_dead_letter(self.read(r, side), &mut out, &self.name, r)
             else {
@@ -326,19 +379,57 @@ impl IntervalJoinStage {
             }
             marks.add(side, ts);
             let seq = seqs.entry(r.origin.offset).or_insert(0);
-            let a = Arrival {
+            let pos = position(r, *seq);
+            *seq += 1;
+            spans
+                .entry(key.clone())
+                .and_modify(|(lo, hi)| {
+                    *lo = (*lo).min(ts);
+                    *hi = (*hi).max(ts);
+                })
+                .or_insert((ts, ts));
+            arrivals.push(Arrival {
                 record: r,
                 value: v,
                 key,
                 ts,
-                pos: position(r, *seq),
-            };
-            *seq += 1;
-            matches += match side {
-                Side::Left => self.pair_left(st, &mut out, &a)?,
-                Side::Right => self.pair_right(st, &mut out, &a)?,
+                pos,
+            });
+        }
+        let mut cache = std::mem::take(&mut self.partners);
+        if (cache.txn, cache.partition, cache.side) != (st.txn_id(), partition, Some(side)) {
+            cache = Partners {
+                txn: st.txn_id(),
+                partition,
+                side: Some(side),
+                keys: HashMap::with_capacity(spans.len()),
             };
         }
+        let mut matches = 0u64;
+        let result = arrivals.iter().try_for_each(|a| {
+            let (lo, hi) = spans.get(&a.key).copied().unwrap_or((a.ts, a.ts));
+            let (from, to) = (self.window(side, lo).0, self.window(side, hi).1);
+            let entry = cache.keys.entry(a.key.clone());
+            let (read_from, read_to, list) = match entry {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert((from, to, self.partners(st, side, &a.key, from, to)?))
+                }
+            };
+            if from < *read_from || to > *read_to {
+                // A later slice reaches past what was read: read the key's whole span again.
+                let (f, t) = ((*read_from).min(from), (*read_to).max(to));
+                *list = self.partners(st, side, &a.key, f, t)?;
+                (*read_from, *read_to) = (f, t);
+            }
+            matches += match side {
+                Side::Left => self.pair_left(st, &mut out, a, list)?,
+                Side::Right => self.pair_right(st, &mut out, a, list)?,
+            };
+            Ok::<_, StateError>(())
+        });
+        self.partners = cache;
+        result?;
         let budget = (batch.len() * 2).max(10_000);
         self.expire(st, &mut marks, &mut out, budget)?;
         marks.store(st);
@@ -346,25 +437,40 @@ impl IntervalJoinStage {
         Ok(out)
     }
 
-    /// The buffered records of the other side that `a` (of `side`) pairs with: rights in
+    /// The window of the other side a record of `side` at `ts` pairs with: rights in
     /// `[ts - before, ts + after]` of a left, lefts in `[ts - after, ts + before]` of a right.
-    fn partners(
-        &self,
-        st: &StageState<'_, '_>,
-        side: Side,
-        a: &Arrival<'_>,
-    ) -> Result<Entries, StateError> {
+    fn window(&self, side: Side, ts: i64) -> (i64, i64) {
         let (back, ahead) = match side {
             Side::Left => (self.before, self.after),
             Side::Right => (self.after, self.before),
         };
-        let (lo, hi) = time_range(
-            side.other(),
-            &a.key,
-            a.ts.saturating_sub(back),
-            a.ts.saturating_add(ahead),
-        );
-        st.range(&lo, &hi)
+        (ts.saturating_sub(back), ts.saturating_add(ahead))
+    }
+
+    /// The buffered records of the other side of `key` (records of `side` pair with them)
+    /// with event times in `[from, to]`, in key order (time, then position).
+    fn partners(
+        &self,
+        st: &StageState<'_, '_>,
+        side: Side,
+        key: &[u8],
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Buffered>, StateError> {
+        let (start, end) = time_range(side.other(), key, from, to);
+        st.range(&start, &end)?
+            .into_iter()
+            .map(|(k, blob)| {
+                let (ts, pos) = split_data_key(&k, key.len())
+                    .ok_or_else(|| corrupt(&self.name, "buffered key"))?;
+                Ok(Buffered {
+                    ts,
+                    pos: pos.to_vec(),
+                    blob,
+                    parsed: None,
+                })
+            })
+            .collect()
     }
 
     /// Pairs a left record with its buffered rights and buffers it, flagged as matched or not.
@@ -374,12 +480,14 @@ impl IntervalJoinStage {
         st: &mut StageState<'_, '_>,
         out: &mut StageOutput,
         a: &Arrival<'_>,
+        rights: &mut [Buffered],
     ) -> Result<u64, StateError> {
-        let rights = self.partners(st, Side::Left, a)?;
-        for (_, rv) in &rights {
-            let right: Value =
-                serde_json::from_slice(rv).map_err(|_| corrupt(&self.name, "right record"))?;
-            self.emit(out, a.record, &a.value, Some(&right));
+        let (lo, hi) = self.window(Side::Left, a.ts);
+        let mut n = 0u64;
+        for b in rights.iter_mut().filter(|b| (lo..=hi).contains(&b.ts)) {
+            let (_, right) = b.parsed(|blob| Ok((None, self.buffered_right(blob)?)))?;
+            self.emit(out, a.record, &a.value, Some(right));
+            n += 1;
         }
         st.put(
             &data_key(Side::Left.data(), &a.key, a.ts, &a.pos),
@@ -387,9 +495,9 @@ impl IntervalJoinStage {
         );
         st.put(
             &index_key(Side::Left.index(), a.ts, &a.key, &a.pos),
-            &[u8::from(!rights.is_empty())],
+            &[u8::from(n > 0)],
         );
-        Ok(rights.len() as u64)
+        Ok(n)
     }
 
     /// Pairs a right record with its buffered lefts (flagging them as matched) and buffers it.
@@ -399,21 +507,31 @@ impl IntervalJoinStage {
         st: &mut StageState<'_, '_>,
         out: &mut StageOutput,
         a: &Arrival<'_>,
+        lefts: &mut [Buffered],
     ) -> Result<u64, StateError> {
-        let lefts = self.partners(st, Side::Right, a)?;
-        for (lk, blob) in &lefts {
-            let (left, lv) = self.buffered_left(blob)?;
-            self.emit(out, &left, &lv, Some(&a.value));
-            let (lts, lpos) =
-                split_data_key(lk, a.key.len()).ok_or_else(|| corrupt(&self.name, "left key"))?;
-            st.put(&index_key(Side::Left.index(), lts, &a.key, lpos), &[1]);
+        let (lo, hi) = self.window(Side::Right, a.ts);
+        let mut n = 0u64;
+        for b in lefts.iter_mut().filter(|b| (lo..=hi).contains(&b.ts)) {
+            let (ts, pos) = (b.ts, b.pos.clone());
+            let (left, lv) =
+                b.parsed(|blob| self.buffered_left(blob).map(|(r, v)| (Some(r), v)))?;
+            if let Some(left) = left {
+                self.emit(out, left, lv, Some(&a.value));
+            }
+            st.put(&index_key(Side::Left.index(), ts, &a.key, &pos), &[1]);
+            n += 1;
         }
         st.put(
             &data_key(Side::Right.data(), &a.key, a.ts, &a.pos),
             &a.record.value,
         );
         st.put(&index_key(Side::Right.index(), a.ts, &a.key, &a.pos), b"");
-        Ok(lefts.len() as u64)
+        Ok(n)
+    }
+
+    /// A buffered right record's value.
+    fn buffered_right(&self, blob: &[u8]) -> Result<Value, StateError> {
+        serde_json::from_slice(blob).map_err(|_| corrupt(&self.name, "right record"))
     }
 
     /// Drops buffered records no future (non-late) record can pair with; emits unmatched left
@@ -489,7 +607,7 @@ impl Stage for IntervalJoinStage {
         state: &mut StateTxn<'_>,
     ) -> Result<StageOutput, StageError> {
         with_state(state, &self.name.clone(), ctx, |st| {
-            self.process_batch(Side::Left, batch, st)
+            self.process_batch(Side::Left, ctx.partition.partition, batch, st)
         })
     }
 
@@ -500,7 +618,7 @@ impl Stage for IntervalJoinStage {
         state: &mut StateTxn<'_>,
     ) -> Result<StageOutput, StageError> {
         with_state(state, &self.name.clone(), ctx, |st| {
-            self.process_batch(Side::Right, batch, st)
+            self.process_batch(Side::Right, ctx.partition.partition, batch, st)
         })
     }
 }
@@ -513,7 +631,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::stage::dedup::tests::{counter, record, run_batch};
+    use crate::stage::dedup::tests::{counter, ctx, record, run_batch};
     use crate::stage::join::JoinConfig;
     use crate::state::StateStore;
 
@@ -558,6 +676,110 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn records_of_one_key_in_one_batch_pair_only_within_their_own_windows() {
+        // The partners of a key are read once per batch over all its records' windows; each
+        // record must still pair only with those in its own window.
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("allowed_lateness: 1h\nnest: user\n");
+        let out = run_batch(
+            &store,
+            &mut s,
+            true,
+            vec![
+                user(0, 1, 10 * MIN, "early"),
+                user(1, 1, 30 * MIN, "late"),
+                user(2, 2, 30 * MIN, "other"),
+            ],
+        );
+        assert!(out.records.is_empty());
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![
+                tx(0, "a", 1, 12 * MIN),
+                tx(1, "b", 1, 20 * MIN),
+                tx(2, "c", 1, 27 * MIN),
+                tx(3, "d", 1, 34 * MIN),
+            ],
+        );
+        let expect = |v: &[(&str, &str)]| -> BTreeSet<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            pairs(&out),
+            expect(&[("a", "early"), ("c", "late"), ("d", "late")])
+        );
+        // Emitted in the batch's order.
+        let ids: Vec<String> = rows(&out)
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, ["a", "c", "d"]);
+        // Rights of one key in one batch, each with its own window over the buffered lefts.
+        let out = run_batch(
+            &store,
+            &mut s,
+            true,
+            vec![user(3, 1, 16 * MIN, "mid"), user(4, 1, 38 * MIN, "last")],
+        );
+        assert_eq!(
+            pairs(&out),
+            expect(&[("a", "mid"), ("b", "mid"), ("d", "last")])
+        );
+    }
+
+    #[test]
+    fn a_batch_in_several_calls_pairs_as_in_one() {
+        // The engine runs a large batch through the stages in slices, in one transaction; the
+        // partners read by one slice are kept for the next ones.
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("allowed_lateness: 1h\nnest: user\n");
+        run_batch(
+            &store,
+            &mut s,
+            true,
+            vec![user(0, 1, 10 * MIN, "early"), user(1, 1, 30 * MIN, "late")],
+        );
+        let mut txn = store.txn();
+        let c = ctx("tx", 0);
+        let first = s
+            .process(vec![tx(0, "a", 1, 12 * MIN)], &c, &mut txn)
+            .unwrap();
+        // Reaches past the span the first call read.
+        let second = s
+            .process(
+                vec![tx(1, "b", 1, 20 * MIN), tx(2, "c", 1, 33 * MIN)],
+                &c,
+                &mut txn,
+            )
+            .unwrap();
+        // Another partition number in the same transaction has no partners.
+        let other = s
+            .process(vec![tx(0, "x", 1, 12 * MIN)], &ctx("tx", 1), &mut txn)
+            .unwrap();
+        let expect = |v: &[(&str, &str)]| -> BTreeSet<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(pairs(&first), expect(&[("a", "early")]));
+        assert_eq!(pairs(&second), expect(&[("c", "late")]));
+        assert!(other.records.is_empty());
+        drop(txn);
+        // The transaction was dropped: nothing of it is buffered, and the next one reads the
+        // state afresh.
+        let out = run_batch(&store, &mut s, false, vec![tx(3, "d", 1, 31 * MIN)]);
+        assert_eq!(pairs(&out), expect(&[("d", "late")]));
+        let out = run_batch(&store, &mut s, true, vec![user(2, 1, 14 * MIN, "mid")]);
+        assert!(pairs(&out).is_empty(), "{:?}", pairs(&out));
     }
 
     #[test]
