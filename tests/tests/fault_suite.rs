@@ -604,13 +604,12 @@ state:
                 None => {}
                 Some(None) => out.unexpected += 1,
                 Some(Some(pos)) if !model.dead.contains(&pos) => out.unexpected += 1,
-                Some(Some(pos)) => {
-                    if !found.insert(pos) {
-                        out.duplicated += 1;
-                        out.examples
-                            .push(format!("duplicated: {}@{}", pos.0, pos.1));
-                    }
+                Some(Some(pos)) if !found.insert(pos) => {
+                    out.duplicated += 1;
+                    out.examples
+                        .push(format!("duplicated: {}@{}", pos.0, pos.1));
                 }
+                Some(Some(_)) => {}
             }
         }
         let missing: BTreeSet<_> = model.dead.difference(&found).copied().collect();

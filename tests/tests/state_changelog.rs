@@ -297,3 +297,100 @@ async fn restore_waits_for_records_behind_an_open_transaction() -> Result<()> {
     );
     Ok(())
 }
+
+/// A restore reads from the state's position, which lies after every transaction the state
+/// already includes: possibly after an aborted one of the same `transactional.id` (a batch
+/// abandoned when its publish failed, or an instance's unfinished batch aborted by the next
+/// owner's fencing). noida-db lists such an aborted transaction in fetches that start after
+/// it, and librdkafka then skips every later record of that producer id: the batch committed
+/// last, which the instance killed before its local write needs back, was not restored (and
+/// was processed again: its dead letters were produced twice, found by the fault suite's
+/// kill -9 round). The restore must notice the undelivered offsets and read from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_sees_batches_committed_after_an_aborted_one() -> Result<()> {
+    use rdkafka::producer::{FutureRecord, Producer};
+
+    let Some(TwoOwners {
+        changelog_topic,
+        pk,
+        a,
+        cl_a,
+        cl_b,
+        _dirs,
+        ..
+    }) = two_owners(1, 0).await?
+    else {
+        return Ok(());
+    };
+    tokio::task::block_in_place(|| cl_a.restore(&a, 0))?;
+    tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 0, 9, &[("k1", Some("v1"))]))?;
+    a.complete_batch(&pk, 9)?;
+
+    // A publish that fails after it wrote to the partition: its transaction is aborted.
+    let failed = tokio::task::block_in_place(|| {
+        cl_a.publish(0, &[(b"Sx".to_vec(), Some(b"y".to_vec()))], &|p| {
+            p.send_result(
+                FutureRecord::<[u8], [u8]>::to(&changelog_topic)
+                    .partition(0)
+                    .key(b"S-aborted")
+                    .payload(b"never committed"),
+            )
+            .map_err(|(e, _)| e.to_string())?;
+            // On the broker, so the transaction is aborted there (not just purged locally).
+            p.flush(std::time::Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
+            Err("the batch's dead letters could not be produced".into())
+        })
+    });
+    ensure!(failed.is_err(), "the failing publish succeeded");
+
+    // The next batch commits and reaches the store: its position is past the abort.
+    tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 10, 19, &[("k2", Some("v2"))]))?;
+    a.complete_batch(&pk, 19)?;
+    // The one after commits to the changelog, then the instance dies before its local write.
+    let mut txn = a.txn();
+    txn.stage("dedup", 0).put(b"k3", b"v3");
+    let outbox = Outbox {
+        tables: vec![("t".into(), 1, b"rows 20-29".to_vec().into())],
+        dead_letters: vec![],
+    };
+    let mut journal = a.journal(&pk)?;
+    journal.pending = Some(PendingBatch {
+        first: 20,
+        last: 29,
+        plugins: vec!["enrich=enrich@1".into()],
+        dead_letters_sent: true,
+    });
+    let records = Changelog::batch_records(
+        &StateStore::partition_key(&pk),
+        txn.writes(),
+        &outbox.encode(),
+        &mut journal,
+    )?;
+    tokio::task::block_in_place(|| cl_a.publish(0, &records, &|_| Ok(())))?;
+    drop(txn);
+    ensure!(get(&a, 0, "k3")?.is_none(), "the local write happened");
+
+    // The restarted instance (same transactional.id) restores its own store.
+    let r = tokio::task::block_in_place(|| cl_b.restore(&a, 0))?;
+    ensure!(
+        get(&a, 0, "k3")?.as_deref() == Some("v3"),
+        "the batch committed before the kill was not restored: {r:?}"
+    );
+    ensure!(
+        a.journal(&pk)?
+            .pending
+            .map(|p| (p.first, p.dead_letters_sent))
+            == Some((20, true)),
+        "the journal lacks the batch in flight (it would be processed again): {r:?}"
+    );
+    ensure!(
+        a.outbox(&pk)? == Some(outbox),
+        "the outbox did not come back: {r:?}"
+    );
+    ensure!(
+        get(&a, 0, "k2")?.as_deref() == Some("v2"),
+        "state lost: {r:?}"
+    );
+    Ok(())
+}

@@ -542,6 +542,7 @@ fn log_restore(n: i32, r: &crate::state::changelog::Restored) {
             end = r.end,
             records = r.records,
             full = r.full,
+            checked_from_start = r.checked_from_start,
             bootstrapped = r.bootstrapped,
             took_ms = r.took.as_millis() as u64,
             "state restored from the changelog"

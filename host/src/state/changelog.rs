@@ -67,6 +67,9 @@ pub struct Restored {
     pub end: i64,
     pub records: u64,
     pub full: bool,
+    /// The read passed over records it did not deliver and was checked by a second read from
+    /// the partition's start.
+    pub checked_from_start: bool,
     pub bootstrapped: u64,
     pub took: Duration,
 }
@@ -216,7 +219,33 @@ impl Changelog {
                 store.wipe_namespace(n)?;
             }
             if from < high {
-                done.records = self.replay(&reader, store, n, from, high)?;
+                let read = self.replay(&reader, store, n, from, from, high)?;
+                done.records = read.records;
+                if read.skipped && from > low {
+                    // Offsets were passed over without being delivered: aborted transactions
+                    // (the previous owner's unfinished batch), or committed records a broker
+                    // hid. noida-db (the test broker) lists aborted transactions that ended
+                    // before a fetch's offset, and librdkafka then skips every later record
+                    // of that producer id, which all owners of the partition share (one
+                    // `transactional.id`). Reading from the partition's start passes each
+                    // abort marker and tells the two apart; what it finds at `from` and
+                    // after is applied again (re-applying changelog records is idempotent).
+                    let reader = self.client("read_committed")?;
+                    let check = self.replay(&reader, store, n, low, from, high)?;
+                    if check.records > read.records {
+                        tracing::warn!(
+                            partition = n,
+                            from,
+                            end = high,
+                            read = read.records,
+                            from_start = check.records,
+                            "the broker hid committed changelog records from a read starting \
+                             at the state's position; applied them as read from the partition's start"
+                        );
+                        done.records = check.records;
+                    }
+                    done.checked_from_start = true;
+                }
                 if done.records == 0 && high - from > 1 {
                     // More than the commit marker of this instance's own last publish, yet
                     // nothing readable (aborted transactions): worth knowing when a handover
@@ -293,16 +322,18 @@ impl Changelog {
         })
     }
 
-    /// Applies changelog partition `n` from offset `from` to its end `high` (the high
-    /// watermark taken after the partition's producer was fenced) to the local store.
+    /// Reads changelog partition `n` from offset `from` to its end `high` (the high watermark
+    /// taken after the partition's producer was fenced) and applies the records at `apply_from`
+    /// and after to the local store.
     fn replay(
         &self,
         consumer: &BaseConsumer,
         store: &StateStore,
         n: i32,
         from: i64,
+        apply_from: i64,
         high: i64,
-    ) -> Result<u64, ChangelogError> {
+    ) -> Result<Replayed, ChangelogError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, n, Offset::Offset(from))
             .map_err(|e| self.kafka_err(n, e))?;
@@ -310,6 +341,7 @@ impl Changelog {
         let mut apply = Replay::default();
         let mut records = 0u64;
         let mut last = from - 1;
+        let mut skipped = false;
         let started = Instant::now();
         let deadline = started + RESTORE_PATIENCE;
         let mut held_at: Option<i64> = None;
@@ -363,8 +395,14 @@ impl Changelog {
                     continue;
                 }
             };
-            records += 1;
+            // Consecutive records of one transaction are adjacent; between transactions
+            // lies one commit marker. A wider gap is an aborted transaction or hidden records.
+            skipped |= m.offset() - last > 2;
             last = m.offset();
+            if last < apply_from {
+                continue;
+            }
+            records += 1;
             apply.record(m.key().unwrap_or_default(), m.payload());
             if apply.stage.len() >= 65_536 {
                 store.apply_stage_writes(std::mem::take(&mut apply.stage))?;
@@ -379,10 +417,13 @@ impl Changelog {
                 "the changelog's readable end reached its end"
             );
         }
+        // The last transaction's commit marker sits just before the end.
+        skipped |= high - last > 2;
         store.apply_stage_writes(std::mem::take(&mut apply.stage))?;
         let (journals, outboxes) = apply.finish()?;
-        store.finish_restore(n, journals, outboxes, last)?;
-        Ok(records)
+        // A check from the start may end before the state's position (nothing after it).
+        store.finish_restore(n, journals, outboxes, last.max(apply_from - 1))?;
+        Ok(Replayed { records, skipped })
     }
 
     /// Low and high watermark of partition `n`. Asked with `read_uncommitted`: a
@@ -567,6 +608,14 @@ impl Changelog {
             }),
         }
     }
+}
+
+/// What [`Changelog::replay`] read.
+struct Replayed {
+    /// Records applied.
+    records: u64,
+    /// Offsets were passed over without being delivered (see [`Changelog::restore`]).
+    skipped: bool,
 }
 
 /// Which local column family a namespace entry lives in.
