@@ -16,7 +16,9 @@
 //! batch before inserting it. That is what keeps two owners from both writing one batch.
 //!
 //! Locally the store remembers, per partition number, the offset of the last changelog record
-//! its state includes; regaining a partition only reads what others wrote since.
+//! its state includes; regaining a partition only reads what others wrote since (and the
+//! whole partition when that read passed over records it did not deliver, see
+//! [`Changelog::restore`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
