@@ -535,7 +535,7 @@ fn worker_exit(r: Result<Result<(), PipelineError>, tokio::task::JoinError>) -> 
 }
 
 fn log_restore(n: i32, r: &crate::state::changelog::Restored) {
-    if r.records > 0 || r.full || r.bootstrapped > 0 {
+    if r.records > 0 || r.full || r.checked_from_start || r.bootstrapped > 0 {
         tracing::info!(
             partition = n,
             from_offset = r.from_offset,
