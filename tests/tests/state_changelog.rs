@@ -22,6 +22,7 @@ fn kafka_config(brokers: &str, topic: &str) -> KafkaConfig {
         instance_id: None,
         properties: BTreeMap::new(),
         idle_fetch_pause_ms: 20,
+        side_topics_first: true,
     }
 }
 

@@ -80,6 +80,16 @@ pub struct KafkaConfig {
     /// when records come again. 0: never pause.
     #[serde(default = "default_idle_fetch_pause_ms")]
     pub idle_fetch_pause_ms: u64,
+    /// Read each side topic's partition (a join's other input) up to the end it had when it
+    /// was assigned before fetching the pipeline's partition of the same number, so a lookup
+    /// join finds its table loaded and an interval join does not buffer a whole backlog (see
+    /// `source::side_first`). Default: true.
+    #[serde(default = "default_true")]
+    pub side_topics_first: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_idle_fetch_pause_ms() -> u64 {

@@ -282,6 +282,7 @@ impl Pipeline {
                 // Before `recv` in this biased select: with a steady stream of messages the age
                 // limit must still close batches (and progress must still be reported).
                 _ = tick.tick() => {
+                    source.release_loaded_sides();
                     let aged: Vec<PartitionKey> = accs.iter()
                         .filter(|(_, a)| a.is_aged(&batch_cfg))
                         .map(|(k, _)| k.clone())

@@ -18,6 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::idle::{self, FetchSpin};
+use super::side_first::SideFirst;
 use crate::config::KafkaConfig;
 use crate::record::{Header, Origin};
 use crate::stage::PartitionKey;
@@ -114,6 +115,7 @@ pub struct SourceContext {
     ownership: Arc<Ownership>,
     spin: Arc<FetchSpin>,
     idle_pause: Duration,
+    side_first: Arc<SideFirst>,
 }
 
 impl ClientContext for SourceContext {
@@ -146,16 +148,19 @@ impl ConsumerContext for SourceContext {
             let parts = keys(tpl);
             tracing::info!(group = %self.group, "partitions revoked: {}", list(&parts));
             self.ownership.revoke(&parts);
+            self.side_first.revoked(&parts);
             let _ = self.events.send(RebalanceEvent::Revoked(parts));
         }
     }
 
-    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let parts = keys(tpl);
                 tracing::info!(group = %self.group, "partitions assigned: {}", list(&parts));
                 self.ownership.assign(&parts);
+                // Before any fetch of the new assignment.
+                self.side_first.assigned(c, &parts);
                 let _ = self.events.send(RebalanceEvent::Assigned(parts));
             }
             Rebalance::Error(e) => tracing::warn!(group = %self.group, "rebalance error: {e}"),
@@ -237,6 +242,7 @@ pub struct KafkaSource {
     /// message was an allocation and a free per record).
     topics: std::sync::Mutex<Vec<Arc<str>>>,
     ownership: Arc<Ownership>,
+    side_first: Arc<SideFirst>,
 }
 
 impl KafkaSource {
@@ -269,6 +275,14 @@ impl KafkaSource {
         }
         let ownership = Arc::new(Ownership::default());
         let spin = Arc::new(FetchSpin::starting_at(std::time::Instant::now()));
+        let side_first = Arc::new(SideFirst::new(
+            if cfg.side_topics_first {
+                side_topics
+            } else {
+                &[]
+            },
+            cfg.start_offset,
+        ));
         let consumer: Arc<SluiceConsumer> = c
             .create_with_context(SourceContext {
                 events: tx,
@@ -276,6 +290,7 @@ impl KafkaSource {
                 ownership: ownership.clone(),
                 spin: spin.clone(),
                 idle_pause,
+                side_first: side_first.clone(),
             })
             .map(Arc::new)
             .map_err(|e| SourceError::Create(e.to_string()))?;
@@ -302,6 +317,7 @@ impl KafkaSource {
                 topics: std::sync::Mutex::new(Vec::new()),
                 last_warning: std::sync::Mutex::new(None),
                 ownership,
+                side_first,
             },
             rx,
         ))
@@ -368,6 +384,7 @@ impl KafkaSource {
                 Some(t) if **t == *m.topic() => t.clone(),
                 _ => topic.insert(self.topic(m.topic())).clone(),
             };
+            self.side_first.saw(&topic, m.partition());
             out.push(Origin {
                 topic,
                 partition: m.partition(),
@@ -415,6 +432,12 @@ impl KafkaSource {
 
     pub fn ownership(&self) -> Arc<Ownership> {
         self.ownership.clone()
+    }
+
+    /// Lets the pipeline's partitions be fetched once their side partitions have loaded
+    /// (see [`SideFirst`]). Cheap: call it often.
+    pub fn release_loaded_sides(&self) {
+        self.side_first.release(self.consumer.as_ref());
     }
 
     /// True at most once per 10 s.

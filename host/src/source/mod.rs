@@ -3,3 +3,4 @@
 pub mod idle;
 pub mod kafka;
 pub mod rewind;
+pub mod side_first;
