@@ -800,6 +800,68 @@ async fn e2e_dedup_composite_keys_and_missing_key_fields() -> Result<()> {
 // Lookup join: changelog with tombstones
 // ---------------------------------------------------------------------------------------------
 
+/// Both topics consumed from a backlog: the table topic is read to its end before the
+/// pipeline's topic is fetched (`kafka.side_topics_first`), so no record is looked up in a
+/// table that is not loaded yet. Before, whichever partition's fetch answered first was
+/// consumed first, and records could come out unmatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_join_lookup_reads_the_table_before_a_backlog() -> Result<()> {
+    let env = Env::new().await?;
+    let orders = env.topic("orders", 1).await?;
+    let profiles = env.topic("profiles", 1).await?;
+    env.table("id String, user_id UInt64, user_name Nullable(String)")
+        .await?;
+    const USERS: u64 = 3_000;
+    const ORDERS: u64 = 30_000;
+    // The orders first, so a consumer that takes topics in produce order would meet them first.
+    produce(
+        &env.kafka.brokers,
+        &orders,
+        (0..ORDERS).map(|i| {
+            TestRecord::new(
+                serde_json::to_vec(&json!({"id": format!("o{i}"), "user_id": (i * 7) % USERS}))
+                    .unwrap_or_default(),
+            )
+        }),
+    )
+    .await?;
+    produce(
+        &env.kafka.brokers,
+        &profiles,
+        (0..USERS).map(|u| {
+            TestRecord::new(serde_json::to_vec(&json!({"name": format!("user{u}")})).unwrap_or_default())
+                .key(u.to_string())
+        }),
+    )
+    .await?;
+    let stages = format!(
+        "  - name: users\n    join:\n      kind: lookup\n      table_topic: {profiles}\n      \
+         key: /user_id\n      prefix: user_\n      fields: [name]\n      unmatched: dead_letter\n"
+    );
+    let config = env.pipeline(&[&orders], &stages, 5_000)?;
+    let mut p = SluiceProcess::run(&config, &env.log(0))?;
+    env.wait_rows(&mut p, ORDERS, Duration::from_secs(120))
+        .await?;
+    let unnamed = query_rows_json(
+        &env.ch.url,
+        &format!(
+            "SELECT count() AS n FROM default.{} WHERE user_name IS NULL",
+            env.table
+        ),
+    )
+    .await?;
+    let unnamed = unnamed.first().map(|r| num(&r["n"])).transpose()?;
+    ensure!(unnamed == Some(0), "{unnamed:?} rows without a user");
+    env.dead_letters(0).await?;
+    ensure!(
+        p.log_text().contains("side topics first"),
+        "the table was not read first:\n{}",
+        p.log_tail()
+    );
+    p.terminate(Duration::from_secs(30))?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_join_lookup_follows_the_changelog_and_tombstones() -> Result<()> {
     let env = Env::new().await?;
