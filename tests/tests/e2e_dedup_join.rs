@@ -829,8 +829,10 @@ async fn e2e_join_lookup_reads_the_table_before_a_backlog() -> Result<()> {
         &env.kafka.brokers,
         &profiles,
         (0..USERS).map(|u| {
-            TestRecord::new(serde_json::to_vec(&json!({"name": format!("user{u}")})).unwrap_or_default())
-                .key(u.to_string())
+            TestRecord::new(
+                serde_json::to_vec(&json!({"name": format!("user{u}")})).unwrap_or_default(),
+            )
+            .key(u.to_string())
         }),
     )
     .await?;

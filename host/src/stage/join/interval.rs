@@ -409,18 +409,24 @@ impl IntervalJoinStage {
         let result = arrivals.iter().try_for_each(|a| {
             let (lo, hi) = spans.get(&a.key).copied().unwrap_or((a.ts, a.ts));
             let (from, to) = (self.window(side, lo).0, self.window(side, hi).1);
-            let entry = cache.keys.entry(a.key.clone());
-            let (read_from, read_to, list) = match entry {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert((from, to, self.partners(st, side, &a.key, from, to)?))
-                }
+            if !cache.keys.contains_key(&a.key) {
+                let list = self.partners(st, side, &a.key, from, to)?;
+                cache.keys.insert(a.key.clone(), (from, to, list));
+            }
+            let Some((read_from, read_to, list)) = cache.keys.get_mut(&a.key) else {
+                return Ok(());
             };
-            if from < *read_from || to > *read_to {
-                // A later slice reaches past what was read: read the key's whole span again.
-                let (f, t) = ((*read_from).min(from), (*read_to).max(to));
-                *list = self.partners(st, side, &a.key, f, t)?;
-                (*read_from, *read_to) = (f, t);
+            // A later slice can reach past what was read: read only the missing times (the
+            // lists stay in time order).
+            if from < *read_from {
+                let mut head = self.partners(st, side, &a.key, from, *read_from - 1)?;
+                head.append(list);
+                *list = head;
+                *read_from = from;
+            }
+            if to > *read_to {
+                list.extend(self.partners(st, side, &a.key, *read_to + 1, to)?);
+                *read_to = to;
             }
             matches += match side {
                 Side::Left => self.pair_left(st, &mut out, a, list)?,
@@ -484,7 +490,8 @@ impl IntervalJoinStage {
     ) -> Result<u64, StateError> {
         let (lo, hi) = self.window(Side::Left, a.ts);
         let mut n = 0u64;
-        for b in rights.iter_mut().filter(|b| (lo..=hi).contains(&b.ts)) {
+        let start = rights.partition_point(|b| b.ts < lo);
+        for b in rights[start..].iter_mut().take_while(|b| b.ts <= hi) {
             let (_, right) = b.parsed(|blob| Ok((None, self.buffered_right(blob)?)))?;
             self.emit(out, a.record, &a.value, Some(right));
             n += 1;
@@ -511,7 +518,8 @@ impl IntervalJoinStage {
     ) -> Result<u64, StateError> {
         let (lo, hi) = self.window(Side::Right, a.ts);
         let mut n = 0u64;
-        for b in lefts.iter_mut().filter(|b| (lo..=hi).contains(&b.ts)) {
+        let start = lefts.partition_point(|b| b.ts < lo);
+        for b in lefts[start..].iter_mut().take_while(|b| b.ts <= hi) {
             let (ts, pos) = (b.ts, b.pos.clone());
             let (left, lv) =
                 b.parsed(|blob| self.buffered_left(blob).map(|(r, v)| (Some(r), v)))?;
@@ -746,7 +754,11 @@ mod tests {
             &store,
             &mut s,
             true,
-            vec![user(0, 1, 10 * MIN, "early"), user(1, 1, 30 * MIN, "late")],
+            vec![
+                user(0, 1, 10 * MIN, "early"),
+                user(1, 1, 30 * MIN, "late"),
+                user(2, 1, 6 * MIN, "earliest"),
+            ],
         );
         let mut txn = store.txn();
         let c = ctx("tx", 0);
@@ -761,6 +773,10 @@ mod tests {
                 &mut txn,
             )
             .unwrap();
+        // Reaches before it (out of order, within the lateness).
+        let third = s
+            .process(vec![tx(3, "e", 1, 11 * MIN)], &c, &mut txn)
+            .unwrap();
         // Another partition number in the same transaction has no partners.
         let other = s
             .process(vec![tx(0, "x", 1, 12 * MIN)], &ctx("tx", 1), &mut txn)
@@ -772,6 +788,7 @@ mod tests {
         };
         assert_eq!(pairs(&first), expect(&[("a", "early")]));
         assert_eq!(pairs(&second), expect(&[("c", "late")]));
+        assert_eq!(pairs(&third), expect(&[("e", "early"), ("e", "earliest")]));
         assert!(other.records.is_empty());
         drop(txn);
         // The transaction was dropped: nothing of it is buffered, and the next one reads the
