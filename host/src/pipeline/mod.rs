@@ -182,6 +182,7 @@ impl Pipeline {
             }
         }
         let extra: Vec<String> = side.keys().cloned().collect();
+        let side_topics: BTreeSet<String> = extra.iter().cloned().collect();
         let (source, mut events) = KafkaSource::connect(&p.kafka, &self.cfg.instance_id(), &extra)?;
         let ownership = source.ownership();
         // One sealed batch waiting is enough to keep the single worker busy while the next one
@@ -287,7 +288,7 @@ impl Pipeline {
                         .filter(|(_, a)| a.is_aged(&batch_cfg))
                         .map(|(k, _)| k.clone())
                         .collect();
-                    for pk in aged {
+                    for pk in aged.iter().flat_map(|pk| sides_first(&accs, pk, &side_topics)).collect::<Vec<_>>() {
                         if let Some(sealed) = accs.remove(&pk).and_then(|a| seal(a, &pk)) {
                             *sealed_count.entry(pk.clone()).or_default() += 1;
                             if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
@@ -401,11 +402,13 @@ impl Pipeline {
                         };
                         acc.push(origin);
                         if acc.is_full(&batch_cfg) {
-                            if let Some(sealed) = accs.remove(pk).and_then(|a| seal(a, pk)) {
-                                *sealed_count.entry(pk.clone()).or_default() += 1;
-                                if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
-                                    worker_done = true;
-                                    break 'consume Err(worker_exit((&mut worker_task).await));
+                            for k in sides_first(&accs, pk, &side_topics) {
+                                if let Some(sealed) = accs.remove(&k).and_then(|a| seal(a, &k)) {
+                                    *sealed_count.entry(k).or_default() += 1;
+                                    if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
+                                        worker_done = true;
+                                        break 'consume Err(worker_exit((&mut worker_task).await));
+                                    }
                                 }
                             }
                         }
@@ -418,8 +421,10 @@ impl Pipeline {
             }
         };
         if result.is_ok() {
-            // Graceful stop: flush what has been consumed.
-            for (pk, acc) in accs.drain() {
+            // Graceful stop: flush what has been consumed, side topics first.
+            let mut open: Vec<(PartitionKey, Accumulator)> = accs.drain().collect();
+            open.sort_by_key(|(pk, _)| !side_topics.contains(&pk.topic));
+            for (pk, acc) in open {
                 if let Some(sealed) = seal(acc, &pk) {
                     if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
                         break;
@@ -549,6 +554,28 @@ fn log_restore(n: i32, r: &crate::state::changelog::Restored) {
             "state restored from the changelog"
         );
     }
+}
+
+/// The partitions to seal for `pk`'s batch, in order: a pipeline partition's batch comes after
+/// the open batches of the side topics' partitions of the same number, so a stage sees the
+/// side records consumed before a pipeline record first (a lookup finds the table rows read
+/// before it; the side topics are also read first at assignment, `source::side_first`).
+fn sides_first<A>(
+    accs: &HashMap<PartitionKey, A>,
+    pk: &PartitionKey,
+    side_topics: &BTreeSet<String>,
+) -> Vec<PartitionKey> {
+    let mut order: Vec<PartitionKey> = Vec::new();
+    if !side_topics.contains(&pk.topic) {
+        order.extend(
+            accs.keys()
+                .filter(|k| k.partition == pk.partition && side_topics.contains(&k.topic))
+                .cloned(),
+        );
+        order.sort();
+    }
+    order.push(pk.clone());
+    order
 }
 
 /// Where the state of partition number `n` ends before the group's committed offset, as
@@ -1211,6 +1238,28 @@ mod tests {
             plugins: vec![],
             ..Default::default()
         })
+    }
+
+    #[test]
+    fn open_side_batches_of_the_same_number_are_sealed_first() {
+        let pk = |t: &str, n: i32| PartitionKey {
+            topic: t.into(),
+            partition: n,
+        };
+        let side: BTreeSet<String> = ["users".to_string()].into();
+        let accs: HashMap<PartitionKey, ()> = [
+            (pk("tx", 0), ()),
+            (pk("users", 0), ()),
+            (pk("users", 1), ()),
+        ]
+        .into();
+        assert_eq!(
+            sides_first(&accs, &pk("tx", 0), &side),
+            [pk("users", 0), pk("tx", 0)]
+        );
+        // A side batch goes alone; so does a pipeline batch with no open side batch.
+        assert_eq!(sides_first(&accs, &pk("users", 1), &side), [pk("users", 1)]);
+        assert_eq!(sides_first(&accs, &pk("tx", 2), &side), [pk("tx", 2)]);
     }
 
     #[test]
