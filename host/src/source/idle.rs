@@ -19,6 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 
 use super::kafka::SluiceConsumer;
+use super::side_first::SideFirst;
 
 /// Fetch requests per second to one broker above which it is taken not to hold fetches.
 /// A long-polling broker sees ~2 per second from an idle consumer; a busy one sees one per
@@ -122,7 +123,15 @@ const END_OFFSETS_TIMEOUT: Duration = Duration::from_millis(250);
 /// 1-second tick; a request to the partition's leader does. Pausing is safe at any moment:
 /// librdkafka drops what it fetched but did not hand out and fetches again from the
 /// application's position on resume. The thread ends with the consumer.
-pub fn spawn_governor(consumer: Weak<SluiceConsumer>, spin: Arc<FetchSpin>, pause: Duration) {
+///
+/// Partitions that `held` keeps paused (side topics loading first) are left alone: resuming
+/// them here would let the pipeline's records go before the side's.
+pub fn spawn_governor(
+    consumer: Weak<SluiceConsumer>,
+    spin: Arc<FetchSpin>,
+    pause: Duration,
+    held: Arc<SideFirst>,
+) {
     // The consumer is borrowed for one step at a time, never across a sleep: when the engine
     // drops its source (a stop, or a restart after the group moved on), the consumer must
     // close then, not when this thread lets go (a static member still open would hold up
@@ -145,7 +154,7 @@ pub fn spawn_governor(consumer: Weak<SluiceConsumer>, spin: Arc<FetchSpin>, paus
             let mut idle = TopicPartitionList::new();
             if !with(&mut |c| {
                 if detected {
-                    idle = caught_up_partitions(c, None);
+                    idle = without_held(caught_up_partitions(c, None), &held);
                 }
             }) {
                 return;
@@ -171,7 +180,7 @@ pub fn spawn_governor(consumer: Weak<SluiceConsumer>, spin: Arc<FetchSpin>, paus
                         // New records in some (they fetch now), or no answer: look again
                         // later; still nothing new: pause again at once.
                         if let Ok(ends) = c.offsets_for_times(query, END_OFFSETS_TIMEOUT) {
-                            still_idle = caught_up_partitions(c, Some(&ends));
+                            still_idle = without_held(caught_up_partitions(c, Some(&ends)), &held);
                         }
                     }
                 });
@@ -190,6 +199,17 @@ pub fn spawn_governor(consumer: Weak<SluiceConsumer>, spin: Arc<FetchSpin>, paus
             "cannot start the idle fetch governor ({e}): caught-up partitions keep fetching"
         );
     }
+}
+
+/// `parts` without those side-first holds paused.
+fn without_held(parts: TopicPartitionList, held: &SideFirst) -> TopicPartitionList {
+    let mut out = TopicPartitionList::new();
+    for e in parts.elements() {
+        if !held.holds(e.topic(), e.partition()) {
+            out.add_partition(e.topic(), e.partition());
+        }
+    }
+    out
 }
 
 /// Assigned partitions whose application position has reached their end: the end offset in

@@ -295,7 +295,12 @@ impl KafkaSource {
             .map(Arc::new)
             .map_err(|e| SourceError::Create(e.to_string()))?;
         if !idle_pause.is_zero() {
-            idle::spawn_governor(Arc::downgrade(&consumer), spin, idle_pause);
+            idle::spawn_governor(
+                Arc::downgrade(&consumer),
+                spin,
+                idle_pause,
+                side_first.clone(),
+            );
         }
         let mut all = cfg.topics.clone();
         all.extend(

@@ -151,6 +151,17 @@ impl SideFirst {
         }
     }
 
+    /// Whether this keeps pipeline partition `topic` [`partition`] paused.
+    pub fn holds(&self, topic: &str, partition: i32) -> bool {
+        if !self.active.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.loading.lock().is_ok_and(|m| {
+            m.get(&partition)
+                .is_some_and(|l| l.waiting.iter().any(|p| p.topic == topic))
+        })
+    }
+
     /// A record of `topic` partition `partition` was taken.
     pub fn saw(&self, topic: &str, partition: i32) {
         if !self.active.load(Ordering::Relaxed) || !self.is_side(topic) {
@@ -227,6 +238,32 @@ fn loaded(sides: impl Iterator<Item = (Option<i64>, i64)>, since_progress: Durat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_waiting_pipeline_partitions_are_held() {
+        let sf = SideFirst::new(&["users".to_string()], StartOffset::Earliest);
+        assert!(!sf.holds("tx", 0));
+        let pk = |t: &str| PartitionKey {
+            topic: t.into(),
+            partition: 0,
+        };
+        if let Ok(mut m) = sf.loading.lock() {
+            m.insert(
+                0,
+                Loading {
+                    sides: vec![(pk("users"), 10)],
+                    waiting: vec![pk("tx")],
+                    progress: Instant::now(),
+                },
+            );
+        }
+        sf.active.store(true, Ordering::Relaxed);
+        assert!(sf.holds("tx", 0));
+        assert!(!sf.holds("tx", 1));
+        assert!(!sf.holds("users", 0));
+        sf.revoked(&[pk("tx")]);
+        assert!(!sf.holds("tx", 0));
+    }
 
     #[test]
     fn a_number_loads_when_every_side_reached_its_end_or_the_sides_stall() {
