@@ -35,6 +35,22 @@ fn write_batch(
     last: i64,
     kv: &[(&str, Option<&str>)],
 ) -> Result<(), ChangelogError> {
+    let (journal, txn, offset) = publish_batch(store, changelog, pk, (first, last), kv, false)?;
+    let encoded = batch_outbox(first, last).encode();
+    store.begin_batch_with(pk, &journal, txn, &encoded, Some((pk.partition, offset)))?;
+    Ok(())
+}
+
+/// The first half of [`write_batch`]: the batch's changelog transaction. Returns its journal
+/// entry, its state changes and the offset of its last changelog record.
+fn publish_batch<'s>(
+    store: &'s StateStore,
+    changelog: &Changelog,
+    pk: &PartitionKey,
+    (first, last): (i64, i64),
+    kv: &[(&str, Option<&str>)],
+    dead_letters_sent: bool,
+) -> Result<(PartitionJournal, sluice::state::StateTxn<'s>, i64), ChangelogError> {
     let mut txn = store.txn();
     for (k, v) in kv {
         let mut st = txn.stage("dedup", pk.partition);
@@ -43,31 +59,33 @@ fn write_batch(
             None => st.delete(k.as_bytes()),
         }
     }
-    let outbox = Outbox {
+    let mut journal = store.journal(pk)?;
+    journal.pending = Some(PendingBatch {
+        first,
+        last,
+        plugins: vec!["enrich=enrich@1".into()],
+        dead_letters_sent,
+    });
+    let records = Changelog::batch_records(
+        &StateStore::partition_key(pk),
+        txn.writes(),
+        &batch_outbox(first, last).encode(),
+        &mut journal,
+    )?;
+    let offset = changelog.publish(pk.partition, &records, &|_| Ok(()))?;
+    Ok((journal, txn, offset))
+}
+
+/// The outbox of the test batch `first`-`last`.
+fn batch_outbox(first: i64, last: i64) -> Outbox {
+    Outbox {
         tables: vec![(
             "t".into(),
             1,
             format!("rows {first}-{last}").into_bytes().into(),
         )],
         dead_letters: vec![],
-    };
-    let encoded = outbox.encode();
-    let mut journal = store.journal(pk)?;
-    journal.pending = Some(PendingBatch {
-        first,
-        last,
-        plugins: vec!["enrich=enrich@1".into()],
-        ..Default::default()
-    });
-    let records = Changelog::batch_records(
-        &StateStore::partition_key(pk),
-        txn.writes(),
-        &encoded,
-        &mut journal,
-    )?;
-    let offset = changelog.publish(pk.partition, &records, &|_| Ok(()))?;
-    store.begin_batch_with(pk, &journal, txn, &encoded, Some((pk.partition, offset)))?;
-    Ok(())
+    }
 }
 
 fn get(store: &StateStore, partition: i32, key: &str) -> Result<Option<String>> {
@@ -349,26 +367,9 @@ async fn restore_sees_batches_committed_after_an_aborted_one() -> Result<()> {
     tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 10, 19, &[("k2", Some("v2"))]))?;
     a.complete_batch(&pk, 19)?;
     // The one after commits to the changelog, then the instance dies before its local write.
-    let mut txn = a.txn();
-    txn.stage("dedup", 0).put(b"k3", b"v3");
-    let outbox = Outbox {
-        tables: vec![("t".into(), 1, b"rows 20-29".to_vec().into())],
-        dead_letters: vec![],
-    };
-    let mut journal = a.journal(&pk)?;
-    journal.pending = Some(PendingBatch {
-        first: 20,
-        last: 29,
-        plugins: vec!["enrich=enrich@1".into()],
-        dead_letters_sent: true,
-    });
-    let records = Changelog::batch_records(
-        &StateStore::partition_key(&pk),
-        txn.writes(),
-        &outbox.encode(),
-        &mut journal,
-    )?;
-    tokio::task::block_in_place(|| cl_a.publish(0, &records, &|_| Ok(())))?;
+    let (_, txn, _) = tokio::task::block_in_place(|| {
+        publish_batch(&a, &cl_a, &pk, (20, 29), &[("k3", Some("v3"))], true)
+    })?;
     drop(txn);
     ensure!(get(&a, 0, "k3")?.is_none(), "the local write happened");
 
@@ -386,7 +387,7 @@ async fn restore_sees_batches_committed_after_an_aborted_one() -> Result<()> {
         "the journal lacks the batch in flight (it would be processed again): {r:?}"
     );
     ensure!(
-        a.outbox(&pk)? == Some(outbox),
+        a.outbox(&pk)? == Some(batch_outbox(20, 29)),
         "the outbox did not come back: {r:?}"
     );
     ensure!(

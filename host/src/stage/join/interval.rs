@@ -416,7 +416,7 @@ impl IntervalJoinStage {
             let Some((read_from, read_to, list)) = cache.keys.get_mut(&a.key) else {
                 return Ok(());
             };
-            // A later slice can reach past what was read: read only the missing times (the
+            // A later record can reach past what was read: read only the missing times (the
             // lists stay in time order).
             if from < *read_from {
                 let mut head = self.partners(st, side, &a.key, from, *read_from - 1)?;
@@ -520,13 +520,12 @@ impl IntervalJoinStage {
         let mut n = 0u64;
         let start = lefts.partition_point(|b| b.ts < lo);
         for b in lefts[start..].iter_mut().take_while(|b| b.ts <= hi) {
-            let (ts, pos) = (b.ts, b.pos.clone());
+            st.put(&index_key(Side::Left.index(), b.ts, &a.key, &b.pos), &[1]);
             let (left, lv) =
                 b.parsed(|blob| self.buffered_left(blob).map(|(r, v)| (Some(r), v)))?;
             if let Some(left) = left {
                 self.emit(out, left, lv, Some(&a.value));
             }
-            st.put(&index_key(Side::Left.index(), ts, &a.key, &pos), &[1]);
             n += 1;
         }
         st.put(
