@@ -433,7 +433,8 @@ pub fn with_state<T>(
     f(&mut st).map_err(|e| state_error(stage, e))
 }
 
-fn not_json(e: impl fmt::Display) -> Reject {
+/// A record whose value does not parse as JSON.
+pub fn not_json(e: impl fmt::Display) -> Reject {
     Reject {
         kind: "parse",
         message: format!("value is not JSON: {e}"),
@@ -463,6 +464,8 @@ pub struct KeySpec {
     paths: PathTree,
     /// No pointer is a prefix of another: the pointed-at values can be read without the tree.
     sparse: bool,
+    /// Per slot: the pointer's first token (unescaped) and the pointer below it (`""` for none).
+    tops: Vec<(String, String)>,
 }
 
 impl KeySpec {
@@ -476,11 +479,25 @@ impl KeySpec {
         for (slot, p) in pointers.iter().enumerate() {
             sparse &= paths.insert(p, slot);
         }
+        let tops = pointers
+            .iter()
+            .map(|p| {
+                // Pointers start with '/' (checked when parsed).
+                let below_root = p.as_str().get(1..).unwrap_or_default();
+                let (first, rest) =
+                    below_root.split_at(below_root.find('/').unwrap_or(below_root.len()));
+                (
+                    first.replace("~1", "/").replace("~0", "~"),
+                    rest.to_string(),
+                )
+            })
+            .collect();
         Self {
             key: key.clone(),
             time,
             paths,
             sparse,
+            tops,
         }
     }
 
@@ -514,6 +531,31 @@ impl KeySpec {
                 _ => None,
             },
         })
+    }
+
+    /// The same from a JSON object's top-level fields: `field(name)` is the raw JSON text of
+    /// field `name`. Only the values at the pointers' first tokens are parsed.
+    pub fn read_fields<'t>(
+        &self,
+        record: &Record,
+        field: impl Fn(&str) -> Option<&'t str>,
+    ) -> Result<(Vec<u8>, i64), Reject> {
+        let mut found: Vec<Option<Value>> = Vec::with_capacity(self.tops.len());
+        for (first, rest) in &self.tops {
+            let value = match field(first) {
+                None => None,
+                Some(raw) => {
+                    let mut v: Value = serde_json::from_str(raw).map_err(not_json)?;
+                    if rest.is_empty() {
+                        Some(v)
+                    } else {
+                        v.pointer_mut(rest).map(Value::take)
+                    }
+                }
+            };
+            found.push(value);
+        }
+        self.finish(record, |slot| found.get(slot).and_then(Option::as_ref))
     }
 
     /// The key of a parsed value.

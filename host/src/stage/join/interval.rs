@@ -25,11 +25,10 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use serde_json::Value;
 
 use crate::record::Record;
 use crate::stage::keyed::{
-    get_i64, or_dead_letter, parse_json, put_i64, ts_bytes, ts_from_bytes, with_state,
+    get_i64, not_json, or_dead_letter, put_i64, ts_bytes, ts_from_bytes, with_state,
     EventTimeConfig, IndexEntry, KeySpec, OutputShape, Reject, Sweeper, TimeSource,
 };
 use crate::stage::{BatchContext, Stage, StageError, StageOutput};
@@ -37,6 +36,7 @@ use crate::state::{StageState, StateError, StateTxn};
 
 use super::codec;
 use super::config::{IntervalJoinConfig, JoinMode};
+use super::merge::{self, Fields};
 
 /// The two inputs of the join. State tags, watermark and cursor keys per side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +139,8 @@ fn time_range(side: Side, key: &[u8], lo: i64, hi: i64) -> (Vec<u8>, Vec<u8>) {
 /// A record that passed the lateness check, with what the join reads from it.
 struct Arrival<'a> {
     record: &'a Record,
-    value: Value,
+    /// `None`: the value is not a JSON object (a right record under `nest` may be anything).
+    fields: Option<Fields>,
     key: Vec<u8>,
     ts: i64,
     pos: Vec<u8>,
@@ -151,21 +152,30 @@ struct Buffered {
     ts: i64,
     pos: Vec<u8>,
     blob: Vec<u8>,
-    /// The record (lefts only: a right contributes just its value) and its JSON value.
-    parsed: Option<(Option<Record>, Value)>,
+    /// The record (lefts only: a right's blob is its value) and the fields of its value.
+    parsed: Option<(Option<Record>, Option<Fields>)>,
 }
 
 impl Buffered {
+    /// The decoded record, if any, the value's text and its fields.
     fn parsed(
         &mut self,
-        decode: impl FnOnce(&[u8]) -> Result<(Option<Record>, Value), StateError>,
-    ) -> Result<(Option<&Record>, &Value), StateError> {
+        decode: impl FnOnce(&[u8]) -> Result<(Option<Record>, Option<Fields>), StateError>,
+    ) -> Result<(Option<&Record>, merge::Side<'_>), StateError> {
         let parsed = match self.parsed.take() {
             Some(p) => p,
             None => decode(&self.blob)?,
         };
-        let (r, v) = self.parsed.insert(parsed);
-        Ok((r.as_ref(), v))
+        let (r, fields) = &*self.parsed.insert(parsed);
+        let text = match r {
+            Some(r) => &r.value[..],
+            None => &self.blob[..],
+        };
+        let side = merge::Side {
+            text,
+            fields: fields.as_ref(),
+        };
+        Ok((r.as_ref(), side))
     }
 }
 
@@ -303,16 +313,14 @@ impl IntervalJoinStage {
     fn joined(
         &self,
         left: &Record,
-        left_value: &Value,
-        right: Option<&Value>,
+        left_fields: Option<&Fields>,
+        right: Option<merge::Side<'_>>,
     ) -> Result<Record, Reject> {
-        let Value::Object(obj) = left_value else {
-            return Err(Reject::schema("value is not a JSON object"));
+        let l = merge::Side {
+            text: &left.value,
+            fields: left_fields,
         };
-        let value = self
-            .shape
-            .merged_json(&left.value, obj, right)
-            .map_err(Reject::schema)?;
+        let value = merge::merged(&self.shape, l, right).map_err(Reject::schema)?;
         Ok(Record {
             origin: left.origin.clone(),
             key: left.key.clone(),
@@ -322,30 +330,44 @@ impl IntervalJoinStage {
         })
     }
 
-    fn emit(&self, out: &mut StageOutput, left: &Record, lv: &Value, right: Option<&Value>) {
-        let joined = self.joined(left, lv, right);
+    fn emit(
+        &self,
+        out: &mut StageOutput,
+        left: &Record,
+        left_fields: Option<&Fields>,
+        right: Option<merge::Side<'_>>,
+    ) {
+        let joined = self.joined(left, left_fields, right);
         if let Some(r) = or_dead_letter(joined, out, &self.name, left) {
             out.records.push(r);
         }
     }
 
-    /// The value, key and event time of a record of `side`.
-    fn read(&self, r: &Record, side: Side) -> Result<(Value, Vec<u8>, i64), Reject> {
-        let v = parse_json(r)?;
+    /// The fields, key and event time of a record of `side`: one pass over its text, no tree.
+    fn read(&self, r: &Record, side: Side) -> Result<(Option<Fields>, Vec<u8>, i64), Reject> {
+        let spec = &self.specs[side as usize];
         let needs_object = side == Side::Left || matches!(self.shape, OutputShape::Prefix { .. });
-        if needs_object && !v.is_object() {
-            return Err(Reject::schema("value is not a JSON object"));
+        match Fields::read(&r.value).map_err(not_json)? {
+            Some(f) => {
+                let (k, ts) = spec.read_fields(r, |name| f.get(&r.value, name))?;
+                Ok((Some(f), k, ts))
+            }
+            None if needs_object => Err(Reject::schema("value is not a JSON object")),
+            None => {
+                let (k, ts) = spec.read(r)?;
+                Ok((None, k, ts))
+            }
         }
-        let (k, ts) = self.specs[side as usize].read_value(r, &v)?;
-        Ok((v, k, ts))
     }
 
-    /// A buffered left record and its value.
-    fn buffered_left(&self, blob: &[u8]) -> Result<(Record, Value), StateError> {
+    /// A buffered left record and its fields.
+    fn buffered_left(&self, blob: &[u8]) -> Result<(Record, Option<Fields>), StateError> {
         let left = codec::decode(blob).ok_or_else(|| corrupt(&self.name, "left record"))?;
-        let lv =
-            serde_json::from_slice(&left.value).map_err(|_| corrupt(&self.name, "left record"))?;
-        Ok((left, lv))
+        let fields = Fields::read(&left.value)
+            .ok()
+            .flatten()
+            .ok_or_else(|| corrupt(&self.name, "left record"))?;
+        Ok((left, Some(fields)))
     }
 
     /// One batch of `side`: each record pairs with the buffered records of the other side in
@@ -369,7 +391,8 @@ impl IntervalJoinStage {
         // Per key: the earliest and latest event time among this call's records.
         let mut spans: HashMap<Vec<u8>, (i64, i64)> = HashMap::new();
         for r in &batch {
-            let Some((v, key, ts)) = or_dead_letter(self.read(r, side), &mut out, &self.name, r)
+            let Some((fields, key, ts)) =
+                or_dead_letter(self.read(r, side), &mut out, &self.name, r)
             else {
                 continue;
             };
@@ -390,7 +413,7 @@ impl IntervalJoinStage {
                 .or_insert((ts, ts));
             arrivals.push(Arrival {
                 record: r,
-                value: v,
+                fields,
                 key,
                 ts,
                 pos,
@@ -493,7 +516,7 @@ impl IntervalJoinStage {
         let start = rights.partition_point(|b| b.ts < lo);
         for b in rights[start..].iter_mut().take_while(|b| b.ts <= hi) {
             let (_, right) = b.parsed(|blob| Ok((None, self.buffered_right(blob)?)))?;
-            self.emit(out, a.record, &a.value, Some(right));
+            self.emit(out, a.record, a.fields.as_ref(), Some(right));
             n += 1;
         }
         st.put(
@@ -522,9 +545,13 @@ impl IntervalJoinStage {
         for b in lefts[start..].iter_mut().take_while(|b| b.ts <= hi) {
             st.put(&index_key(Side::Left.index(), b.ts, &a.key, &b.pos), &[1]);
             let (left, lv) =
-                b.parsed(|blob| self.buffered_left(blob).map(|(r, v)| (Some(r), v)))?;
+                b.parsed(|blob| self.buffered_left(blob).map(|(r, f)| (Some(r), f)))?;
             if let Some(left) = left {
-                self.emit(out, left, lv, Some(&a.value));
+                let right = merge::Side {
+                    text: &a.record.value,
+                    fields: a.fields.as_ref(),
+                };
+                self.emit(out, left, lv.fields, Some(right));
             }
             n += 1;
         }
@@ -536,9 +563,9 @@ impl IntervalJoinStage {
         Ok(n)
     }
 
-    /// A buffered right record's value.
-    fn buffered_right(&self, blob: &[u8]) -> Result<Value, StateError> {
-        serde_json::from_slice(blob).map_err(|_| corrupt(&self.name, "right record"))
+    /// A buffered right record's fields (`None`: not an object).
+    fn buffered_right(&self, blob: &[u8]) -> Result<Option<Fields>, StateError> {
+        Fields::read(blob).map_err(|_| corrupt(&self.name, "right record"))
     }
 
     /// Drops buffered records no future (non-late) record can pair with; emits unmatched left
@@ -584,8 +611,8 @@ impl IntervalJoinStage {
                     let blob = st
                         .get(&dk)?
                         .ok_or_else(|| corrupt(&self.name, "left record"))?;
-                    let (left, lv) = self.buffered_left(&blob)?;
-                    self.emit(out, &left, &lv, None);
+                    let (left, fields) = self.buffered_left(&blob)?;
+                    self.emit(out, &left, fields.as_ref(), None);
                     unmatched += 1;
                 }
                 st.delete(&dk);
@@ -635,7 +662,7 @@ impl Stage for IntervalJoinStage {
 mod tests {
     use std::collections::BTreeSet;
 
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use super::*;
     use crate::stage::dedup::tests::{counter, ctx, record, run_batch};

@@ -10,6 +10,7 @@ mod codec;
 pub mod config;
 pub mod interval;
 pub mod lookup;
+mod merge;
 
 use std::collections::BTreeMap;
 

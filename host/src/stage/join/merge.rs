@@ -1,0 +1,403 @@
+//! Joined records from texts: a record's top-level fields are read once as ranges of its JSON
+//! text ([`Fields`]), and the right record's fields are appended to the left record's text as
+//! they were written. No `serde_json::Value` tree is built, cloned or serialised per record or
+//! pair unless a merged field replaces one of the left record's (then
+//! [`OutputShape::merged_json`] merges trees, as before).
+
+use std::fmt;
+use std::ops::Range;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::stage::keyed::OutputShape;
+
+/// A field name: a range of the text, or the unescaped name when the text escapes it.
+#[derive(Debug, Clone)]
+enum Name {
+    Text(Range<usize>),
+    Unescaped(String),
+}
+
+/// The top-level fields of a JSON object, in text order (a repeated name appears each time).
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    list: Vec<(Name, Range<usize>)>,
+    /// Index of the closing `}`.
+    close: usize,
+}
+
+impl Fields {
+    /// Reads `text`, which must be one JSON value (validated as serde_json does).
+    /// `Ok(None)`: valid JSON that is not an object.
+    pub fn read(text: &[u8]) -> Result<Option<Fields>, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let list = TopLevel {
+            base: text.as_ptr() as usize,
+        }
+        .deserialize(&mut de)?;
+        de.end()?;
+        let Some(list) = list else {
+            return Ok(None);
+        };
+        // `de.end()` accepted only whitespace after the object's closing brace.
+        let close = text
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .unwrap_or_default();
+        Ok(Some(Fields { list, close }))
+    }
+
+    /// The raw JSON text of field `name` (the last one, as a parsed object keeps it).
+    pub fn get<'t>(&self, text: &'t [u8], name: &str) -> Option<&'t str> {
+        self.list
+            .iter()
+            .rev()
+            .find(|(n, _)| name_of(text, n) == Some(name))
+            .and_then(|(_, v)| str_at(text, v))
+    }
+
+    fn has(&self, text: &[u8], name: &str) -> bool {
+        self.list
+            .iter()
+            .any(|(n, _)| name_of(text, n) == Some(name))
+    }
+}
+
+fn name_of<'a>(text: &'a [u8], name: &'a Name) -> Option<&'a str> {
+    match name {
+        Name::Text(r) => str_at(text, r),
+        Name::Unescaped(s) => Some(s),
+    }
+}
+
+/// The ranges come from a parse of `text` that validated UTF-8.
+fn str_at<'t>(text: &'t [u8], r: &Range<usize>) -> Option<&'t str> {
+    text.get(r.clone())
+        .and_then(|b| std::str::from_utf8(b).ok())
+}
+
+/// One record of a pair: its JSON text and, for an object, its fields.
+#[derive(Clone, Copy)]
+pub struct Side<'a> {
+    pub text: &'a [u8],
+    pub fields: Option<&'a Fields>,
+}
+
+/// The left record's text with the right record merged in as `shape` says (see
+/// [`OutputShape::merge`]). The added values are the right record's text as written.
+pub fn merged(
+    shape: &OutputShape,
+    left: Side<'_>,
+    right: Option<Side<'_>>,
+) -> Result<Vec<u8>, String> {
+    let Some(lf) = left.fields else {
+        return Err("value is not a JSON object".into());
+    };
+    let mut adds: Vec<(std::borrow::Cow<'_, str>, Option<&str>)> = Vec::new();
+    let not_object = || "the right record is not a JSON object (needed by `prefix`)".to_string();
+    match shape {
+        OutputShape::Nest(field) => {
+            let text = right.map(|r| trim(r.text)).transpose()?;
+            adds.push((field.into(), text));
+        }
+        OutputShape::Prefix {
+            prefix,
+            fields: Some(only),
+        } => {
+            let rf = match right {
+                Some(r) => Some((r.text, r.fields.ok_or_else(not_object)?)),
+                None => None,
+            };
+            for f in only {
+                let raw = rf.and_then(|(text, rf)| rf.get(text, f));
+                adds.push((format!("{prefix}{f}").into(), raw));
+            }
+        }
+        OutputShape::Prefix {
+            prefix,
+            fields: None,
+        } => {
+            if let Some(r) = right {
+                let rf = r.fields.ok_or_else(not_object)?;
+                for (n, v) in &rf.list {
+                    let (Some(name), Some(raw)) = (name_of(r.text, n), str_at(r.text, v)) else {
+                        return Err("the right record's text is not UTF-8".into());
+                    };
+                    adds.push((format!("{prefix}{name}").into(), Some(raw)));
+                }
+            }
+        }
+    }
+    // A merged field that replaces a left field (or a repeated right field, of which a parsed
+    // object keeps the last) is merged as trees.
+    let clash = adds
+        .iter()
+        .enumerate()
+        .any(|(i, (name, _))| lf.has(left.text, name) || adds[..i].iter().any(|(n, _)| n == name));
+    if clash {
+        return merged_trees(shape, left.text, right.map(|r| r.text));
+    }
+    let mut out =
+        Vec::with_capacity(left.text.len() + adds.len() * 32 + right.map_or(0, |r| r.text.len()));
+    out.extend_from_slice(&left.text[..lf.close]);
+    let mut first = lf.list.is_empty();
+    for (name, raw) in adds {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        serde_json::to_writer(&mut out, &name).map_err(|e| e.to_string())?;
+        out.push(b':');
+        out.extend_from_slice(raw.unwrap_or("null").as_bytes());
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
+fn trim(text: &[u8]) -> Result<&str, String> {
+    let start = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(text.len());
+    let end = text
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
+    std::str::from_utf8(&text[start..end.max(start)]).map_err(|e| e.to_string())
+}
+
+fn merged_trees(shape: &OutputShape, left: &[u8], right: Option<&[u8]>) -> Result<Vec<u8>, String> {
+    let parse = |t: &[u8]| serde_json::from_slice::<Value>(t).map_err(|e| e.to_string());
+    let Value::Object(obj) = parse(left)? else {
+        return Err("value is not a JSON object".into());
+    };
+    let right = right.map(parse).transpose()?;
+    shape.merged_json(left, &obj, right.as_ref())
+}
+
+/// Reads one JSON value: an object's fields as ranges (`base` is the text's address), anything
+/// else validated and skipped.
+struct TopLevel {
+    base: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for TopLevel {
+    type Value = Option<Vec<(Name, Range<usize>)>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopLevel {
+    type Value = Option<Vec<(Name, Range<usize>)>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut list = Vec::with_capacity(16);
+        let at = |s: &str| {
+            let start = s.as_ptr() as usize - self.base;
+            start..start + s.len()
+        };
+        while let Some(name) = map.next_key_seed(NameSeed)? {
+            let raw: &RawValue = map.next_value()?;
+            let name = match name {
+                NameText::Borrowed(s) => Name::Text(at(s)),
+                NameText::Owned(s) => Name::Unescaped(s),
+            };
+            list.push((name, at(raw.get())));
+        }
+        Ok(Some(list))
+    }
+}
+
+enum NameText<'de> {
+    Borrowed(&'de str),
+    Owned(String),
+}
+
+/// A field name, borrowed from the text unless it has escapes.
+struct NameSeed;
+
+impl<'de> DeserializeSeed<'de> for NameSeed {
+    type Value = NameText<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NameSeed {
+    type Value = NameText<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(NameText::Borrowed(s))
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(NameText::Owned(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn fields(text: &str) -> Option<Fields> {
+        Fields::read(text.as_bytes()).unwrap()
+    }
+
+    fn merge(shape: &OutputShape, left: &str, right: Option<&str>) -> Result<Value, String> {
+        let (lf, rf) = (fields(left), right.and_then(fields));
+        let left = Side {
+            text: left.as_bytes(),
+            fields: lf.as_ref(),
+        };
+        let right = right.map(|t| Side {
+            text: t.as_bytes(),
+            fields: rf.as_ref(),
+        });
+        let text = merged(shape, left, right)?;
+        Ok(serde_json::from_slice(&text).unwrap())
+    }
+
+    /// What merging parsed trees gives (the reference).
+    fn tree_merge(shape: &OutputShape, left: &str, right: Option<&str>) -> Value {
+        let Value::Object(mut obj) = serde_json::from_str(left).unwrap() else {
+            panic!()
+        };
+        let right: Option<Value> = right.map(|r| serde_json::from_str(r).unwrap());
+        shape.merge(&mut obj, right.as_ref()).unwrap();
+        Value::Object(obj)
+    }
+
+    #[test]
+    fn reads_top_level_fields_as_ranges_of_the_text() {
+        let text = r#" {"a": 1, "b\u0041" : {"x": [1, "}"]}, "c":"s\"t", "a": null } "#;
+        let f = fields(text).unwrap();
+        assert_eq!(
+            f.get(text.as_bytes(), "a"),
+            Some("null"),
+            "the last repeat wins"
+        );
+        assert_eq!(f.get(text.as_bytes(), "bA"), Some(r#"{"x": [1, "}"]}"#));
+        assert_eq!(f.get(text.as_bytes(), "c"), Some(r#""s\"t""#));
+        assert_eq!(f.get(text.as_bytes(), "d"), None);
+        assert_eq!(&text[f.close..f.close + 1], "}");
+        assert!(fields("[1, 2]").is_none() && fields("\"x\"").is_none() && fields("3").is_none());
+        for bad in ["{", r#"{"a":}"#, "{} x", "", r#"{"a":1,}"#] {
+            assert!(Fields::read(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(Fields::read(b"{\"a\":\"\xff\"}").is_err(), "invalid UTF-8");
+    }
+
+    #[test]
+    fn merges_as_trees_do_for_every_shape() {
+        let shapes = [
+            OutputShape::Nest("user".into()),
+            OutputShape::Prefix {
+                prefix: "user_".into(),
+                fields: Some(vec!["name".into(), "country".into()]),
+            },
+            OutputShape::Prefix {
+                prefix: "u_".into(),
+                fields: None,
+            },
+        ];
+        let lefts = [
+            r#"{"id":"t1","amount":1.50,"user_id":7}"#,
+            "{}",
+            " { \"id\" : \"t\\u00e9\" } \n",
+            // Clashes with a merged field: the right one replaces it.
+            r#"{"id":"t2","user":"x","user_name":"old","u_name":"old"}"#,
+        ];
+        let rights = [
+            None,
+            Some(r#"{"name":"ann","country":"FR","n":[1,{"a":2}]}"#),
+            Some(r#"{"name":"b\"o","name":"last"}"#),
+            Some("{}"),
+        ];
+        for shape in &shapes {
+            for left in lefts {
+                for right in rights {
+                    assert_eq!(
+                        merge(shape, left, right).unwrap(),
+                        tree_merge(shape, left, right),
+                        "{shape:?} {left} {right:?}"
+                    );
+                }
+            }
+        }
+        let nest = &shapes[0];
+        assert_eq!(
+            merge(nest, r#"{"a":1}"#, Some(" [1,2] ")).unwrap(),
+            json!({"a": 1, "user": [1, 2]})
+        );
+        assert!(merge(&shapes[1], r#"{"a":1}"#, Some("[1]")).is_err());
+        assert!(merge(&shapes[2], r#"{"a":1}"#, Some("3")).is_err());
+        assert!(merge(nest, "[1]", None).is_err());
+    }
+
+    #[test]
+    fn keeps_the_left_text_and_appends_the_right_values_as_written() {
+        let shape = OutputShape::Prefix {
+            prefix: "user_".into(),
+            fields: Some(vec!["name".into(), "country".into()]),
+        };
+        let left = r#"{"id":"t1","amount":1.50}"#;
+        let right = r#"{"country":"FR","name":"Ann"}"#;
+        let (lf, rf) = (fields(left).unwrap(), fields(right).unwrap());
+        let out = merged(
+            &shape,
+            Side {
+                text: left.as_bytes(),
+                fields: Some(&lf),
+            },
+            Some(Side {
+                text: right.as_bytes(),
+                fields: Some(&rf),
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"id":"t1","amount":1.50,"user_name":"Ann","user_country":"FR"}"#
+        );
+    }
+}
