@@ -558,11 +558,6 @@ impl KeySpec {
         self.finish(record, |slot| found.get(slot).and_then(Option::as_ref))
     }
 
-    /// The key of a parsed value.
-    pub fn key_of_value(&self, value: &Value) -> Result<Vec<u8>, Reject> {
-        key_of(value, &self.key)
-    }
-
     /// Key from slots `0..n`, time from slot `n` (`n` key pointers).
     fn finish<'v>(
         &self,

@@ -9,17 +9,17 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
-use serde_json::{Map, Value};
-
 use crate::record::Record;
 use crate::stage::keyed::{
-    key_from_bytes, key_of, or_dead_letter, parse_json, with_state, KeySpec, OutputShape, Reject,
+    key_from_bytes, key_of, not_json, or_dead_letter, parse_json, with_state, KeySpec, OutputShape,
+    Reject,
 };
 use crate::stage::{BatchContext, Stage, StageError, StageOutput};
 use crate::state::{StageState, StateError, StateTxn};
+use bytes::Bytes;
 
 use super::config::{LookupJoinConfig, Unmatched};
+use super::merge::{self, Fields, Parsed};
 
 const VALUE: u8 = b'V';
 const INDEX: u8 = b'I';
@@ -67,23 +67,24 @@ impl LookupJoinStage {
         })
     }
 
-    /// The record as a JSON object and the state key of its table row.
-    fn read(&self, r: &Record) -> Result<(Map<String, Value>, Vec<u8>), Reject> {
-        let v = parse_json(r)?;
-        let key = self.spec.key_of_value(&v)?;
-        let Value::Object(obj) = v else {
+    /// The record's fields (it must be a JSON object) and the state key of its table row.
+    fn read(&self, r: &Record) -> Result<(Fields, Vec<u8>), Reject> {
+        let Some(fields) = Fields::read(&r.value).map_err(not_json)? else {
             return Err(Reject::schema("value is not a JSON object"));
         };
-        Ok((obj, tagged(VALUE, &key)))
+        let (key, _) = self
+            .spec
+            .read_fields(r, |name| fields.get(&r.value, name))?;
+        Ok((fields, tagged(VALUE, &key)))
     }
 
     /// `Ok(None)`: the record is dropped (unmatched, `unmatched: drop`).
     fn enrich(
         &self,
         r: &Record,
-        obj: Map<String, Value>,
+        fields: &Fields,
         row_key: &[u8],
-        row: Option<&Value>,
+        row: Option<merge::Side<'_>>,
     ) -> Result<Option<Record>, Reject> {
         if row.is_none() {
             match self.cfg.unmatched {
@@ -101,10 +102,11 @@ impl LookupJoinStage {
                 }
             }
         }
-        let value = self
-            .shape
-            .merged_json(&r.value, &obj, row)
-            .map_err(Reject::schema)?;
+        let left = merge::Side {
+            text: &r.value,
+            fields: Some(fields),
+        };
+        let value = merge::merged(&self.shape, left, row).map_err(Reject::schema)?;
         Ok(Some(Record {
             value: Bytes::from(value),
             ..r.clone()
@@ -128,10 +130,10 @@ impl LookupJoinStage {
         let mut keys: Vec<&[u8]> = row_keys.iter().flatten().map(|k| &k[..]).collect();
         keys.sort_unstable();
         keys.dedup();
-        let mut rows: HashMap<&[u8], Option<Value>> = HashMap::with_capacity(keys.len());
+        let mut rows: HashMap<&[u8], Option<Parsed>> = HashMap::with_capacity(keys.len());
         for (k, v) in keys.iter().zip(st.get_many(&keys)?) {
             let row = match v {
-                Some(b) => Some(serde_json::from_slice(&b).map_err(|_| StateError::Corrupt {
+                Some(b) => Some(Parsed::read(b).map_err(|_| StateError::Corrupt {
                     key: format!("{} table row", self.name),
                     message: "not JSON".into(),
                 })?),
@@ -143,8 +145,11 @@ impl LookupJoinStage {
             let (Some(obj), Some(key)) = (obj, key) else {
                 continue;
             };
-            let row = rows.get(&key[..]).and_then(Option::as_ref);
-            match self.enrich(r, obj, key, row) {
+            let row = rows
+                .get(&key[..])
+                .and_then(Option::as_ref)
+                .map(Parsed::side);
+            match self.enrich(r, &obj, key, row) {
                 Ok(Some(j)) => {
                     out.records.push(j);
                     if row.is_some() {
@@ -271,7 +276,7 @@ impl Stage for LookupJoinStage {
 mod tests {
     use std::sync::Arc;
 
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use super::*;
     use crate::record::Origin;

@@ -78,6 +78,26 @@ fn str_at<'t>(text: &'t [u8], r: &Range<usize>) -> Option<&'t str> {
         .and_then(|b| std::str::from_utf8(b).ok())
 }
 
+/// A JSON text read with [`Fields::read`], kept together with its fields.
+pub struct Parsed {
+    text: Vec<u8>,
+    fields: Option<Fields>,
+}
+
+impl Parsed {
+    pub fn read(text: Vec<u8>) -> Result<Self, serde_json::Error> {
+        let fields = Fields::read(&text)?;
+        Ok(Self { text, fields })
+    }
+
+    pub fn side(&self) -> Side<'_> {
+        Side {
+            text: &self.text,
+            fields: self.fields.as_ref(),
+        }
+    }
+}
+
 /// One record of a pair: its JSON text and, for an object, its fields.
 #[derive(Clone, Copy)]
 pub struct Side<'a> {
