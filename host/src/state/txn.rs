@@ -35,8 +35,14 @@ impl<'s> StateTxn<'s> {
         }
     }
 
-    /// Committed entries with full keys in `[start, end)`, in key order.
-    fn committed_range(&self, start: &[u8], end: &[u8]) -> Result<Entries, StateError> {
+    /// Committed entries with full keys in `[start, end)`, in key order, without their first
+    /// `strip` bytes (the namespace).
+    fn committed_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        strip: usize,
+    ) -> Result<Entries, StateError> {
         let mut reader = self.reader.borrow_mut();
         let it = match reader.as_mut() {
             Some(it) => it,
@@ -48,7 +54,7 @@ impl<'s> StateTxn<'s> {
             if k >= end {
                 break;
             }
-            out.push((k.to_vec(), v.to_vec()));
+            out.push((k.get(strip..).unwrap_or_default().to_vec(), v.to_vec()));
             it.next();
         }
         it.status()?;
@@ -206,20 +212,38 @@ impl StageState<'_, '_> {
     /// Entries with relative keys in `[start, end)`, in key order, including this batch's writes.
     pub fn range(&self, start: &[u8], end: &[u8]) -> Result<Entries, StateError> {
         let (s, e) = (self.full(start), self.full(end));
-        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
-            .txn
-            .committed_range(&s, &e)?
-            .into_iter()
-            .map(|(k, v)| (k, Some(v)))
-            .collect();
-        for (k, v) in self.txn.overlay.range(s..e) {
-            merged.insert(k.clone(), v.clone());
-        }
         let n = self.prefix.len();
-        Ok(merged
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k[n..].to_vec(), v)))
-            .collect())
+        let committed = self.txn.committed_range(&s, &e, n)?;
+        let mut own = self.txn.overlay.range(s..e).peekable();
+        if own.peek().is_none() {
+            return Ok(committed);
+        }
+        // Both lists are in key order: merge them, this transaction's writes winning.
+        // Keys in `[s, e)` start with the namespace, as `s` and `e` do.
+        let rel = |k: &[u8]| k.get(n..).unwrap_or_default().to_vec();
+        let mut out = Vec::with_capacity(committed.len());
+        let mut committed = committed.into_iter().peekable();
+        loop {
+            let take_own = match (committed.peek(), own.peek()) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some((ck, _)), Some((ok, _))) => rel(ok) <= *ck,
+            };
+            if take_own {
+                let Some((k, v)) = own.next() else { break };
+                let k = rel(k);
+                if committed.peek().is_some_and(|(ck, _)| *ck == k) {
+                    committed.next();
+                }
+                if let Some(v) = v {
+                    out.push((k, v.clone()));
+                }
+            } else if let Some(entry) = committed.next() {
+                out.push(entry);
+            }
+        }
+        Ok(out)
     }
 
     /// Entries whose relative key starts with `prefix`.
@@ -302,6 +326,57 @@ mod tests {
                 st.get_many(&[k]).expect("get_many")[0]
             );
         }
+    }
+
+    #[test]
+    fn range_merges_committed_state_with_own_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        let mut txn = store.txn();
+        for k in [&b"b"[..], b"d", b"f", b"h"] {
+            txn.stage("s", 0).put(k, b"old");
+        }
+        txn.stage("s", 1).put(b"c", b"other partition");
+        let pk = crate::stage::PartitionKey {
+            topic: "t".into(),
+            partition: 0,
+        };
+        store
+            .begin_batch(&pk, 0, 0, txn, &super::super::Outbox::default())
+            .expect("commit");
+        let mut txn = store.txn();
+        let mut st = txn.stage("s", 0);
+        let range = |st: &StageState<'_, '_>| -> Vec<(String, String)> {
+            st.range(b"a", b"h")
+                .expect("range")
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8(k).unwrap_or_default(),
+                        String::from_utf8(v).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            range(&st),
+            vec![pair("b", "old"), pair("d", "old"), pair("f", "old")]
+        );
+        st.put(b"a", b"new");
+        st.put(b"d", b"new");
+        st.delete(b"f");
+        st.put(b"g", b"new");
+        st.put(b"h", b"past the end");
+        assert_eq!(
+            range(&st),
+            vec![
+                pair("a", "new"),
+                pair("b", "old"),
+                pair("d", "new"),
+                pair("g", "new")
+            ]
+        );
     }
 
     #[test]
