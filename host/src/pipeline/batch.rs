@@ -74,6 +74,11 @@ impl Accumulator {
         !self.records.is_empty() && self.opened.elapsed() >= cfg.max_age()
     }
 
+    /// When the batch reaches its age limit (`None`: empty).
+    pub fn deadline(&self, cfg: &BatchConfig) -> Option<Instant> {
+        (!self.records.is_empty()).then(|| self.opened + cfg.max_age())
+    }
+
     pub fn seal(self, pk: &PartitionKey) -> Option<SealedBatch> {
         let first = self.records.first()?.offset;
         let last = self.records.last()?.offset;

@@ -730,7 +730,7 @@ impl<'de> Visitor<'de> for Seek<'_> {
 }
 
 /// An object key, borrowed from the input unless it has escapes.
-struct FieldName;
+pub(crate) struct FieldName;
 
 impl<'de> DeserializeSeed<'de> for FieldName {
     type Value = Cow<'de, str>;

@@ -290,14 +290,10 @@ mod tests {
         assert_eq!(keys, vec![b"k1".to_vec(), b"k3".to_vec()]);
     }
 
-    #[test]
-    fn get_many_sees_committed_state_and_own_writes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = StateStore::open(dir.path()).expect("open");
+    /// Commits what `write` puts in a transaction, as a batch of partition t/0.
+    fn commit(store: &StateStore, write: impl FnOnce(&mut StateTxn<'_>)) {
         let mut txn = store.txn();
-        txn.stage("s", 0).put(b"a", b"1");
-        txn.stage("s", 0).put(b"b", b"2");
-        txn.stage("s", 1).put(b"c", b"other partition");
+        write(&mut txn);
         let pk = crate::stage::PartitionKey {
             topic: "t".into(),
             partition: 0,
@@ -305,6 +301,17 @@ mod tests {
         store
             .begin_batch(&pk, 0, 0, txn, &super::super::Outbox::default())
             .expect("commit");
+    }
+
+    #[test]
+    fn get_many_sees_committed_state_and_own_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        commit(&store, |txn| {
+            txn.stage("s", 0).put(b"a", b"1");
+            txn.stage("s", 0).put(b"b", b"2");
+            txn.stage("s", 1).put(b"c", b"other partition");
+        });
         let mut txn = store.txn();
         let mut st = txn.stage("s", 0);
         st.put(b"c", b"3");
@@ -332,18 +339,12 @@ mod tests {
     fn range_merges_committed_state_with_own_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = StateStore::open(dir.path()).expect("open");
-        let mut txn = store.txn();
-        for k in [&b"b"[..], b"d", b"f", b"h"] {
-            txn.stage("s", 0).put(k, b"old");
-        }
-        txn.stage("s", 1).put(b"c", b"other partition");
-        let pk = crate::stage::PartitionKey {
-            topic: "t".into(),
-            partition: 0,
-        };
-        store
-            .begin_batch(&pk, 0, 0, txn, &super::super::Outbox::default())
-            .expect("commit");
+        commit(&store, |txn| {
+            for k in [&b"b"[..], b"d", b"f", b"h"] {
+                txn.stage("s", 0).put(k, b"old");
+            }
+            txn.stage("s", 1).put(b"c", b"other partition");
+        });
         let mut txn = store.txn();
         let mut st = txn.stage("s", 0);
         let range = |st: &StageState<'_, '_>| -> Vec<(String, String)> {

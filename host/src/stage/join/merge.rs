@@ -4,6 +4,7 @@
 //! pair unless a merged field replaces one of the left record's (then
 //! [`OutputShape::merged_json`] merges trees, as before).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
@@ -11,7 +12,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::stage::keyed::OutputShape;
+use crate::stage::keyed::{FieldName, OutputShape};
 
 /// A field name: a range of the text, or the unescaped name when the text escapes it.
 #[derive(Debug, Clone)]
@@ -115,7 +116,7 @@ pub fn merged(
     let Some(lf) = left.fields else {
         return Err("value is not a JSON object".into());
     };
-    let mut adds: Vec<(std::borrow::Cow<'_, str>, Option<&str>)> = Vec::new();
+    let mut adds: Vec<(Cow<'_, str>, Option<&str>)> = Vec::new();
     let not_object = || "the right record is not a JSON object (needed by `prefix`)".to_string();
     match shape {
         OutputShape::Nest(field) => {
@@ -248,47 +249,15 @@ impl<'de> Visitor<'de> for TopLevel {
             let start = s.as_ptr() as usize - self.base;
             start..start + s.len()
         };
-        while let Some(name) = map.next_key_seed(NameSeed)? {
+        while let Some(name) = map.next_key_seed(FieldName)? {
             let raw: &RawValue = map.next_value()?;
             let name = match name {
-                NameText::Borrowed(s) => Name::Text(at(s)),
-                NameText::Owned(s) => Name::Unescaped(s),
+                Cow::Borrowed(s) => Name::Text(at(s)),
+                Cow::Owned(s) => Name::Unescaped(s),
             };
             list.push((name, at(raw.get())));
         }
         Ok(Some(list))
-    }
-}
-
-enum NameText<'de> {
-    Borrowed(&'de str),
-    Owned(String),
-}
-
-/// A field name, borrowed from the text unless it has escapes.
-struct NameSeed;
-
-impl<'de> DeserializeSeed<'de> for NameSeed {
-    type Value = NameText<'de>;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for NameSeed {
-    type Value = NameText<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a field name")
-    }
-
-    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
-        Ok(NameText::Borrowed(s))
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
-        Ok(NameText::Owned(s.to_owned()))
     }
 }
 
