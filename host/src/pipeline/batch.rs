@@ -21,6 +21,9 @@ pub struct SealedBatch {
     /// The epoch of the partition's assignment when the batch was sealed (see
     /// [`crate::source::kafka::Ownership`]); set by the engine.
     pub epoch: Option<u64>,
+    /// When its first record was taken, and when it was sealed (for the per-batch timing log).
+    pub opened: Instant,
+    pub sealed: Instant,
 }
 
 /// Records of one partition waiting to become a batch.
@@ -88,6 +91,8 @@ impl Accumulator {
             last,
             records: self.records,
             epoch: None,
+            opened: self.opened,
+            sealed: Instant::now(),
         })
     }
 }

@@ -920,6 +920,7 @@ impl Worker {
     ) -> Result<(), PipelineError> {
         let pk = batch.partition.clone();
         let (first, last) = (batch.first, batch.last);
+        let (opened, sealed, taken) = (batch.opened, batch.sealed, Instant::now());
         let ctx = BatchContext {
             pipeline: self.pipeline.clone(),
             partition: pk.clone(),
@@ -958,6 +959,7 @@ impl Worker {
             // output (docs/benchmarks.md, ninth round).
             let mut tables = BTreeMap::new();
             let mut spent = vec![Duration::ZERO; stages.len()];
+            let started = Instant::now();
             let mut consumed = records.into_iter();
             loop {
                 // Records of the batch not encoded yet, this slice's included.
@@ -1002,6 +1004,7 @@ impl Worker {
                     .with_label_values(&[&pipeline, stage.name()])
                     .observe(spent[i].as_secs_f64());
             }
+            let staged = started.elapsed();
             let (outbox, encoded) = Outbox::seal(
                 tables
                     .into_iter()
@@ -1063,16 +1066,27 @@ impl Worker {
                 }
             };
             state.begin_batch_with(&ctx.partition, &journal, txn, &encoded, position)?;
-            Ok::<_, PipelineError>(Some(outbox))
+            Ok::<_, PipelineError>(Some((outbox, staged)))
         })
         .await??;
-        let Some(outbox) = outbox else {
+        let Some((outbox, staged)) = outbox else {
             return Ok(());
         };
+        let journaled = Instant::now();
         fault::point(fault::AFTER_BEGIN);
         let sent = self.changelog.is_some();
+        let rows: u64 = outbox.tables.iter().map(|(_, rows, _)| rows).sum();
         self.deliver(&pk, first, last, outbox, sent, timestamps)
-            .await
+            .await?;
+        // Where a batch's latency goes (`RUST_LOG=sluice::pipeline=debug`): filling, waiting
+        // for the worker, stages and encoding, the rest of the blocking part (changelog,
+        // synced journal write), insert and offset commit.
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::debug!(partition = %pk, first, last, rows,
+            fill_ms = ms(sealed - opened), queue_ms = ms(taken - sealed), stages_ms = ms(staged),
+            journal_ms = ms(journaled - taken) - ms(staged),
+            deliver_ms = ms(journaled.elapsed()), "batch done");
+        Ok(())
     }
 
     /// The batch's commit as one transaction with its dead letters (no changelog): both
