@@ -131,7 +131,8 @@ impl SluiceProc {
             .args(["run", "-c"])
             .arg(config)
             .args(extra)
-            .env("SLUICE_LOG", "info")
+            // Per-batch timing lines (`batch done`) for the latency phase's breakdown.
+            .env("SLUICE_LOG", "info,sluice::pipeline=debug")
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
             .spawn()

@@ -237,6 +237,8 @@ struct Latency {
     idle_broker_cpu_per_s: f64,
     sluice_cpu_s_per_million: f64,
     sluice_peak_rss_mib: f64,
+    /// The batches' work after sealing, from sluice's log (`None`: no timing lines).
+    phases: Option<stats::BatchPhases>,
 }
 
 /// One hot swap under load.
@@ -818,6 +820,11 @@ impl Bench {
         let u = all.usage[0];
         procs[0].terminate(Duration::from_secs(30))?;
         std::fs::remove_dir_all(&spec.state_dir).ok();
+        // Batches of the paced run (a quarter of what one batch age holds at this rate or
+        // more), not the warm-up's.
+        let phases = std::fs::read_to_string(&log)
+            .ok()
+            .and_then(|text| stats::batch_phases(&text, rate / 16));
 
         let rows: Vec<(i64, i64)> = self
             .ch
@@ -862,6 +869,7 @@ impl Bench {
             idle_broker_cpu_per_s: (b1 - b0) / idle_secs,
             sluice_cpu_s_per_million: (u.cpu_s - cpu0) * 1e6 / paced.sent as f64,
             sluice_peak_rss_mib: u.peak_rss_mib(),
+            phases,
         })
     }
 
@@ -1416,6 +1424,25 @@ fn report(r: &Results) -> String {
             "",
             None,
         );
+        if let Some(p) = &l.phases {
+            let f = |(a, b, c): (f64, f64, f64)| format!("{a:.0}/{b:.0}/{c:.0}");
+            row(
+                &format!(
+                    "latency run at {} records/s: a batch's work after sealing, ms p50/p90/max",
+                    l.target_rate
+                ),
+                format!(
+                    "{} in all: stages + encoding {}, journal (synced write) {}, insert + offset commit {} ({} batches)",
+                    f(p.after_seal_ms),
+                    f(p.stages_ms),
+                    f(p.journal_ms),
+                    f(p.deliver_ms),
+                    p.batches
+                ),
+                "",
+                None,
+            );
+        }
         row(
             "idle sluice (caught up, nothing produced): CPU per second",
             format!(
