@@ -162,7 +162,11 @@ pub fn merged(
     }
     let mut out =
         Vec::with_capacity(left.text.len() + adds.len() * 32 + right.map_or(0, |r| r.text.len()));
-    out.extend_from_slice(&left.text[..lf.close]);
+    let open = left
+        .text
+        .get(..lf.close)
+        .ok_or("the left record's fields do not match its text")?;
+    out.extend_from_slice(open);
     let mut first = lf.list.is_empty();
     for (name, raw) in adds {
         if !first {
