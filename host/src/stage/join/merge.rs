@@ -15,14 +15,14 @@ use serde_json::Value;
 use crate::stage::keyed::{FieldName, OutputShape};
 
 /// A field name: a range of the text, or the unescaped name when the text escapes it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum Name {
     Text(Range<usize>),
     Unescaped(String),
 }
 
 /// The top-level fields of a JSON object, in text order (a repeated name appears each time).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Fields {
     list: Vec<(Name, Range<usize>)>,
     /// Index of the closing `}`.
@@ -33,6 +33,14 @@ impl Fields {
     /// Reads `text`, which must be one JSON value (validated as serde_json does).
     /// `Ok(None)`: valid JSON that is not an object.
     pub fn read(text: &[u8]) -> Result<Option<Fields>, serde_json::Error> {
+        match Self::read_flat(text) {
+            Some(fields) => Ok(Some(fields)),
+            None => Self::read_any(text),
+        }
+    }
+
+    /// Any JSON value, by serde_json.
+    fn read_any(text: &[u8]) -> Result<Option<Fields>, serde_json::Error> {
         let mut de = serde_json::Deserializer::from_slice(text);
         let list = TopLevel {
             base: text.as_ptr() as usize,
@@ -48,6 +56,23 @@ impl Fields {
             .rposition(|b| !b.is_ascii_whitespace())
             .unwrap_or_default();
         Ok(Some(Fields { list, close }))
+    }
+
+    /// Most records: a flat object read by [`sluice_flat_json`] (one vectorised UTF-8 check,
+    /// then one pass); `None` for anything it does not accept, which serde_json then reads.
+    fn read_flat(text: &[u8]) -> Option<Fields> {
+        let src = std::str::from_utf8(text).ok()?;
+        let base = src.as_ptr() as usize;
+        let at = |s: &str| {
+            let start = s.as_ptr() as usize - base;
+            start..start + s.len()
+        };
+        let mut list = Vec::with_capacity(16);
+        let flat = sluice_flat_json::for_each_field(src, |name, raw| {
+            list.push((Name::Text(at(name)), at(raw)));
+        });
+        let close = text.iter().rposition(|b| !b.is_ascii_whitespace())?;
+        flat.then_some(Fields { list, close })
     }
 
     /// The raw JSON text of field `name` (the last one, as a parsed object keeps it).
@@ -318,6 +343,33 @@ mod tests {
             assert!(Fields::read(bad.as_bytes()).is_err(), "{bad}");
         }
         assert!(Fields::read(b"{\"a\":\"\xff\"}").is_err(), "invalid UTF-8");
+    }
+
+    #[test]
+    fn the_flat_reader_and_serde_json_read_flat_objects_alike() {
+        for text in [
+            r#"{"id":"t1","amount":1.50,"ok":true,"none":null,"n":-3}"#,
+            " {  \"a\" : \"x\\\"y\" , \"a\":2 }\n",
+            "{}",
+            "{ }",
+        ] {
+            let flat = Fields::read_flat(text.as_bytes());
+            assert!(flat.is_some(), "{text}");
+            assert_eq!(flat, Fields::read_any(text.as_bytes()).unwrap(), "{text}");
+        }
+        // Not flat: serde_json reads them.
+        for text in [
+            r#"{"a":{"b":1}}"#,
+            r#"{"a":"\u00e9"}"#,
+            r#"{"a":1e3}"#,
+            "[1]",
+        ] {
+            assert!(Fields::read_flat(text.as_bytes()).is_none(), "{text}");
+            assert_eq!(
+                Fields::read(text.as_bytes()).unwrap(),
+                Fields::read_any(text.as_bytes()).unwrap()
+            );
+        }
     }
 
     #[test]
