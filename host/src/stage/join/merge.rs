@@ -1,8 +1,8 @@
 //! Joined records from texts: a record's top-level fields are read once as ranges of its JSON
 //! text ([`Fields`]), and the right record's fields are appended to the left record's text as
 //! they were written. No `serde_json::Value` tree is built, cloned or serialised per record or
-//! pair unless a merged field replaces one of the left record's (then
-//! [`OutputShape::merged_json`] merges trees, as before).
+//! pair unless a merged field replaces one of the left record's (then the trees are merged with
+//! [`OutputShape::merge`], as before).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -220,11 +220,13 @@ fn trim(text: &[u8]) -> Result<&str, String> {
 
 fn merged_trees(shape: &OutputShape, left: &[u8], right: Option<&[u8]>) -> Result<Vec<u8>, String> {
     let parse = |t: &[u8]| serde_json::from_slice::<Value>(t).map_err(|e| e.to_string());
-    let Value::Object(obj) = parse(left)? else {
+    let Value::Object(mut obj) = parse(left)? else {
         return Err("value is not a JSON object".into());
     };
     let right = right.map(parse).transpose()?;
-    shape.merged_json(left, &obj, right.as_ref())
+    shape.merge(&mut obj, right.as_ref())?;
+    serde_json::to_vec(&Value::Object(obj))
+        .map_err(|e| format!("cannot encode the joined record: {e}"))
 }
 
 /// Reads one JSON value: an object's fields as ranges (`base` is the text's address), anything
@@ -384,8 +386,18 @@ mod tests {
                 prefix: "u_".into(),
                 fields: None,
             },
+            OutputShape::Prefix {
+                prefix: "u_".into(),
+                fields: Some(vec!["name".into(), "x".into()]),
+            },
+            // Collides with the left record's `id`: the tree merge replaces it.
+            OutputShape::Prefix {
+                prefix: "".into(),
+                fields: None,
+            },
         ];
         let lefts = [
+            r#"{"id":"a\"b","n":1.50,"ts":3}"#,
             r#"{"id":"t1","amount":1.50,"user_id":7}"#,
             "{}",
             " { \"id\" : \"t\\u00e9\" } \n",
@@ -395,6 +407,7 @@ mod tests {
         let rights = [
             None,
             Some(r#"{"name":"ann","country":"FR","n":[1,{"a":2}]}"#),
+            Some(r#"{"id":7,"name":"Ann \ud83d\ude00 😀","deep":{"a":[1,2]}}"#),
             Some(r#"{"name":"b\"o","name":"last"}"#),
             Some("{}"),
         ];
