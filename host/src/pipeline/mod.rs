@@ -239,8 +239,8 @@ impl Pipeline {
         tracing::info!(pipeline = %p.name, topics = ?p.kafka.topics, side_topics = ?extra, "pipeline started");
 
         let result: Result<(), PipelineError> = 'consume: loop {
-            // The next batch to reach its age limit is sealed on time, not at the next tick:
-            // the tick's period would add up to a quarter of the age to the latency.
+            // Batches are sealed when the earliest reaches its age limit (a timer, not the
+            // tick: its period would add up to a quarter of the age to the latency).
             let due = accs.values().filter_map(|a| a.deadline(&batch_cfg)).min();
             let mut seal_aged = false;
             tokio::select! {
@@ -291,7 +291,6 @@ impl Pipeline {
                 }
                 _ = tick.tick() => {
                     source.release_loaded_sides();
-                    seal_aged = true;
                     if last_report.elapsed() >= Duration::from_secs(5) {
                         last_report = Instant::now();
                         self.report();

@@ -408,10 +408,7 @@ impl KeySpec {
                 let below_root = p.as_str().get(1..).unwrap_or_default();
                 let (first, rest) =
                     below_root.split_at(below_root.find('/').unwrap_or(below_root.len()));
-                (
-                    first.replace("~1", "/").replace("~0", "~"),
-                    rest.to_string(),
-                )
+                (unescape_token(first), rest.to_string())
             })
             .collect();
         Self {
@@ -521,7 +518,7 @@ impl PathTree {
         // The same tokens as `serde_json::Value::pointer`.
         for token in pointer.as_str().split('/').skip(1) {
             nested |= !node.here.is_empty();
-            let token = token.replace("~1", "/").replace("~0", "~");
+            let token = unescape_token(token);
             let i = match node.children.iter().position(|(t, _, _)| *t == token) {
                 Some(i) => i,
                 None => {
@@ -550,6 +547,11 @@ impl PathTree {
             .find(|(_, i, _)| *i == Some(index))
             .map(|(_, _, n)| n)
     }
+}
+
+/// A JSON pointer token as `serde_json::Value::pointer` unescapes it.
+fn unescape_token(token: &str) -> String {
+    token.replace("~1", "/").replace("~0", "~")
 }
 
 /// An array index token as `serde_json::Value::pointer` reads it (no sign, no leading zero).

@@ -220,7 +220,10 @@ impl StageState<'_, '_> {
         }
         // Both lists are in key order: merge them, this transaction's writes winning.
         // Keys in `[s, e)` start with the namespace, as `s` and `e` do.
-        let rel = |k: &[u8]| k.get(n..).unwrap_or_default().to_vec();
+        fn strip(k: &[u8], n: usize) -> &[u8] {
+            k.get(n..).unwrap_or_default()
+        }
+        let rel = |k| strip(k, n);
         let mut out = Vec::with_capacity(committed.len());
         let mut committed = committed.into_iter().peekable();
         loop {
@@ -228,16 +231,16 @@ impl StageState<'_, '_> {
                 (None, None) => break,
                 (Some(_), None) => false,
                 (None, Some(_)) => true,
-                (Some((ck, _)), Some((ok, _))) => rel(ok) <= *ck,
+                (Some((ck, _)), Some((ok, _))) => rel(ok) <= &ck[..],
             };
             if take_own {
                 let Some((k, v)) = own.next() else { break };
                 let k = rel(k);
-                if committed.peek().is_some_and(|(ck, _)| *ck == k) {
+                if committed.peek().is_some_and(|(ck, _)| ck[..] == *k) {
                     committed.next();
                 }
                 if let Some(v) = v {
-                    out.push((k, v.clone()));
+                    out.push((k.to_vec(), v.clone()));
                 }
             } else if let Some(entry) = committed.next() {
                 out.push(entry);

@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+
 use crate::record::Record;
 use crate::stage::keyed::{
     key_from_bytes, key_of, not_json, or_dead_letter, parse_json, with_state, KeySpec, OutputShape,
@@ -16,7 +18,6 @@ use crate::stage::keyed::{
 };
 use crate::stage::{BatchContext, Stage, StageError, StageOutput};
 use crate::state::{StageState, StateError, StateTxn};
-use bytes::Bytes;
 
 use super::config::{LookupJoinConfig, Unmatched};
 use super::merge::{self, Fields, Parsed};

@@ -71,8 +71,11 @@ impl Fields {
         let flat = sluice_flat_json::for_each_field(src, |name, raw| {
             list.push((Name::Text(at(name)), at(raw)));
         });
+        if !flat {
+            return None;
+        }
         let close = text.iter().rposition(|b| !b.is_ascii_whitespace())?;
-        flat.then_some(Fields { list, close })
+        Some(Fields { list, close })
     }
 
     /// The raw JSON text of field `name` (the last one, as a parsed object keeps it).
@@ -80,14 +83,22 @@ impl Fields {
         self.list
             .iter()
             .rev()
-            .find(|(n, _)| name_of(text, n) == Some(name))
+            .find(|(n, _)| name_bytes(text, n) == name.as_bytes())
             .and_then(|(_, v)| str_at(text, v))
     }
 
     fn has(&self, text: &[u8], name: &str) -> bool {
         self.list
             .iter()
-            .any(|(n, _)| name_of(text, n) == Some(name))
+            .any(|(n, _)| name_bytes(text, n) == name.as_bytes())
+    }
+}
+
+/// A name's bytes, for comparisons: no UTF-8 check (the read validated the whole text).
+fn name_bytes<'a>(text: &'a [u8], name: &'a Name) -> &'a [u8] {
+    match name {
+        Name::Text(r) => text.get(r.clone()).unwrap_or_default(),
+        Name::Unescaped(s) => s.as_bytes(),
     }
 }
 
