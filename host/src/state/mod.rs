@@ -186,27 +186,29 @@ impl StateStore {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        let store = Self {
+        // Files of batches finished (or never referenced) before the last stop are deleted.
+        let mut live = Vec::new();
+        {
+            let cf = db
+                .cf_handle(CF_OUTBOX)
+                .ok_or_else(|| StateError::Io(format!("column family {CF_OUTBOX} missing")))?;
+            let mut it = db.raw_iterator_cf(cf);
+            it.seek_to_first();
+            while let Some(v) = it.value() {
+                // Inline outboxes (restored ones, or written before outbox files) are not copied.
+                if OutboxFiles::is_reference(v) {
+                    live.push(v.to_vec());
+                }
+                it.next();
+            }
+            it.status()?;
+        }
+        Ok(Self {
             db,
             path,
-            outbox_files: OutboxFiles::open(dir.join("outbox"))?,
+            outbox_files: OutboxFiles::open(dir.join("outbox"), &live)?,
             outbox_file_min_bytes: mem.outbox_file_min_bytes,
-        };
-        // Files of batches finished (or never referenced) before the last stop.
-        let mut live = Vec::new();
-        let mut it = store.db.raw_iterator_cf(store.cf(CF_OUTBOX)?);
-        it.seek_to_first();
-        while let Some(v) = it.value() {
-            // Inline outboxes (restored ones, or written before outbox files) are not copied.
-            if OutboxFiles::is_reference(v) {
-                live.push(v.to_vec());
-            }
-            it.next();
-        }
-        it.status()?;
-        drop(it);
-        store.outbox_files.remove_all_but(&live);
-        Ok(store)
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -312,8 +314,7 @@ impl StateStore {
             );
         }
         self.write(batch, true)?;
-        // Synced: no reference to the partition's earlier files is left.
-        self.outbox_files.remove_unreferenced(&key, Some(&stored));
+        self.outbox_files.stored(&stored);
         for hook in hooks {
             hook();
         }
@@ -365,7 +366,7 @@ impl StateStore {
         })?;
         self.write(batch, true)?;
         for k in outboxes {
-            self.outbox_files.remove_unreferenced(&k, None);
+            self.outbox_files.remove_all_of(&k);
         }
         Ok(())
     }
@@ -448,7 +449,7 @@ impl StateStore {
         batch.put_cf(jcf, changelog::position_key(n), last.to_be_bytes());
         self.write(batch, true)?;
         for k in keys {
-            self.outbox_files.remove_unreferenced(&k, None);
+            self.outbox_files.remove_all_of(&k);
         }
         Ok(())
     }
@@ -479,8 +480,9 @@ impl StateStore {
     }
 
     /// Records that a batch was inserted and its offsets committed. Not synced: if this write
-    /// is lost, the outbox is re-sent once more and ClickHouse drops it by its token (so an
-    /// outbox file stays until a later synced write, see [`outbox_files`]).
+    /// is lost, the outbox is re-sent once more and ClickHouse drops it by its token (so the
+    /// slot an outbox file reference names is not reused before a later synced write, see
+    /// [`outbox_files`]).
     pub fn complete_batch(&self, pk: &PartitionKey, last: i64) -> Result<(), StateError> {
         let mut j = self.journal(pk)?;
         j.pending = None;
@@ -512,7 +514,7 @@ impl StateStore {
         batch.put_cf(self.cf(CF_JOURNAL)?, &key, Self::journal_bytes(pk, &j)?);
         batch.delete_cf(self.cf(CF_OUTBOX)?, &key);
         self.write(batch, true)?;
-        self.outbox_files.remove_unreferenced(&key, None);
+        self.outbox_files.remove_all_of(&key);
         Ok(horizon)
     }
 
@@ -649,22 +651,28 @@ mod tests {
             let s = StateStore::open(dir.path()).expect("open");
             s.begin_batch(&pk(), 0, 9, s.txn(), &big(1)).expect("begin");
             assert_eq!(outbox_files(dir.path()), 1);
-            // The next batch of the partition replaces the file.
+            // The next batch of the partition goes to the other slot, the one after it
+            // overwrites the first.
             s.begin_batch(&pk(), 10, 19, s.txn(), &big(2))
                 .expect("begin");
-            assert_eq!(outbox_files(dir.path()), 1);
+            assert_eq!(outbox_files(dir.path()), 2);
+            s.begin_batch(&pk(), 20, 29, s.txn(), &big(3))
+                .expect("begin");
+            assert_eq!(outbox_files(dir.path()), 2);
         }
+        // At open, the slot no reference names is deleted.
         let s = StateStore::open(dir.path()).expect("reopen");
-        assert_eq!(s.outbox(&pk()).expect("outbox"), Some(big(2)));
+        assert_eq!(outbox_files(dir.path()), 1);
+        assert_eq!(s.outbox(&pk()).expect("outbox"), Some(big(3)));
         // Its commit is not synced: the file stays until the next open.
-        s.complete_batch(&pk(), 19).expect("complete");
+        s.complete_batch(&pk(), 29).expect("complete");
         assert_eq!(s.outbox(&pk()).expect("outbox"), None);
         assert_eq!(outbox_files(dir.path()), 1);
         drop(s);
         let s = StateStore::open(dir.path()).expect("reopen");
         assert_eq!(outbox_files(dir.path()), 0);
         // A damaged file is an error naming it, not an empty outbox.
-        s.begin_batch(&pk(), 20, 29, s.txn(), &big(3))
+        s.begin_batch(&pk(), 30, 39, s.txn(), &big(4))
             .expect("begin");
         for f in std::fs::read_dir(dir.path().join("outbox")).expect("list") {
             std::fs::write(f.expect("entry").path(), b"short").expect("damage");
@@ -674,7 +682,7 @@ mod tests {
         // A small outbox stays inline, and a rewind drops the partition's files.
         s.rewind_partition(&pk()).expect("rewind");
         assert_eq!(outbox_files(dir.path()), 0);
-        s.begin_batch(&pk(), 30, 39, s.txn(), &Outbox::default())
+        s.begin_batch(&pk(), 40, 49, s.txn(), &Outbox::default())
             .expect("begin");
         assert_eq!(outbox_files(dir.path()), 0);
         assert_eq!(s.outbox(&pk()).expect("outbox"), Some(Outbox::default()));
