@@ -3,10 +3,14 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use rocksdb::{ColumnFamily, DBRawIteratorWithThreadMode, WriteBatch, DB};
 
 use super::{Entries, StateError, StateStore};
+
+/// One namespace's writes: relative key → value (`None`: deleted).
+type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
 /// Runs once the transaction's write is durable (see [`StateTxn::on_commit`]).
 pub(super) type CommitHook = Box<dyn FnOnce() + Send>;
@@ -16,11 +20,14 @@ pub struct StateTxn<'s> {
     store: &'s StateStore,
     /// Unique in the process (see [`StateTxn::id`]).
     id: u64,
-    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Writes per namespace (stage and partition), keyed relative to it: lookups and inserts
+    /// compare and allocate only the part that differs (a single map of full keys spent
+    /// ~5 % of the full path comparing and copying namespaces).
+    overlay: BTreeMap<Vec<u8>, Writes>,
     hooks: Vec<CommitHook>,
     /// One iterator over committed stage state for all range reads of the batch: creating one
     /// per read cost a join ~1 µs per record. Committed state does not change during a batch.
-    reader: RefCell<Option<DBRawIteratorWithThreadMode<'s, DB>>>,
+    reader: Reader<'s>,
 }
 
 impl<'s> StateTxn<'s> {
@@ -33,32 +40,6 @@ impl<'s> StateTxn<'s> {
             hooks: Vec::new(),
             reader: RefCell::new(None),
         }
-    }
-
-    /// Committed entries with full keys in `[start, end)`, in key order, without their first
-    /// `strip` bytes (the namespace).
-    fn committed_range(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        strip: usize,
-    ) -> Result<Entries, StateError> {
-        let mut reader = self.reader.borrow_mut();
-        let it = match reader.as_mut() {
-            Some(it) => it,
-            None => reader.insert(self.store.stage_reader()?),
-        };
-        let mut out = Vec::new();
-        it.seek(start);
-        while let Some((k, v)) = it.item() {
-            if k >= end {
-                break;
-            }
-            out.push((k.get(strip..).unwrap_or_default().to_vec(), v.to_vec()));
-            it.next();
-        }
-        it.status()?;
-        Ok(out)
     }
 
     /// Identifies this transaction within the process. A batch may reach a stage in several
@@ -81,16 +62,27 @@ impl<'s> StateTxn<'s> {
         let mut prefix = stage.as_bytes().to_vec();
         prefix.push(0);
         prefix.extend_from_slice(&partition.to_be_bytes());
-        StageState { txn: self, prefix }
+        StageState {
+            store: self.store,
+            reader: &self.reader,
+            hooks: &mut self.hooks,
+            txn_id: self.id,
+            writes: self.overlay.entry(prefix.clone()).or_default(),
+            prefix,
+        }
     }
 
     /// This transaction's writes (full stage keys; `None`: deleted), in key order.
     pub fn writes(&self) -> impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)> + '_ {
-        self.overlay.iter().map(|(k, v)| (k.clone(), v.clone()))
+        self.overlay.iter().flat_map(|(ns, writes)| {
+            writes
+                .iter()
+                .map(move |(k, v)| ([&ns[..], &k[..]].concat(), v.clone()))
+        })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.overlay.is_empty()
+        self.overlay.values().all(BTreeMap::is_empty)
     }
 
     /// Offsets of `partition` below this were delivered before a rewind (see
@@ -106,19 +98,60 @@ impl<'s> StateTxn<'s> {
     /// The writes, and the hooks to run once they are durable.
     pub(super) fn into_write_batch(self, cf: &ColumnFamily) -> (WriteBatch, Vec<CommitHook>) {
         let mut b = WriteBatch::default();
-        for (k, v) in self.overlay {
-            match v {
-                Some(v) => b.put_cf(cf, k, v),
-                None => b.delete_cf(cf, k),
+        let mut full = Vec::new();
+        for (ns, writes) in self.overlay {
+            for (k, v) in writes {
+                full.clear();
+                full.extend_from_slice(&ns);
+                full.extend_from_slice(&k);
+                match v {
+                    Some(v) => b.put_cf(cf, &full, v),
+                    None => b.delete_cf(cf, &full),
+                }
             }
         }
         (b, self.hooks)
     }
 }
 
+/// The iterator over committed stage state a transaction's range reads share.
+type Reader<'s> = RefCell<Option<DBRawIteratorWithThreadMode<'s, DB>>>;
+
+/// Committed entries with full keys in `[start, end)`, in key order, without their first
+/// `strip` bytes (the namespace).
+fn committed_range<'s>(
+    store: &'s StateStore,
+    reader: &Reader<'s>,
+    start: &[u8],
+    end: &[u8],
+    strip: usize,
+) -> Result<Entries, StateError> {
+    let mut reader = reader.borrow_mut();
+    let it = match reader.as_mut() {
+        Some(it) => it,
+        None => reader.insert(store.stage_reader()?),
+    };
+    let mut out = Vec::new();
+    it.seek(start);
+    while let Some((k, v)) = it.item() {
+        if k >= end {
+            break;
+        }
+        out.push((k.get(strip..).unwrap_or_default().to_vec(), v.to_vec()));
+        it.next();
+    }
+    it.status()?;
+    Ok(out)
+}
+
 /// One stage's view of the state of one partition. Keys are relative to the namespace.
 pub struct StageState<'t, 's> {
-    txn: &'t mut StateTxn<'s>,
+    store: &'s StateStore,
+    reader: &'t Reader<'s>,
+    hooks: &'t mut Vec<CommitHook>,
+    txn_id: u64,
+    /// The transaction's writes in this namespace.
+    writes: &'t mut Writes,
     prefix: Vec<u8>,
 }
 
@@ -143,10 +176,9 @@ impl StageState<'_, '_> {
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        let full = self.full(key);
-        match self.txn.overlay.get(&full) {
+        match self.writes.get(key) {
             Some(v) => Ok(v.clone()),
-            None => self.txn.store.stage_get(&full),
+            None => self.store.stage_get(&self.full(key)),
         }
     }
 
@@ -157,17 +189,16 @@ impl StageState<'_, '_> {
         let mut missing = Vec::new();
         let mut at = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            let full = self.full(key.as_ref());
-            match self.txn.overlay.get(&full) {
+            match self.writes.get(key.as_ref()) {
                 Some(v) => out.push(v.clone()),
                 None => {
                     out.push(None);
-                    missing.push(full);
+                    missing.push(self.full(key.as_ref()));
                     at.push(i);
                 }
             }
         }
-        for (i, v) in at.into_iter().zip(self.txn.store.stage_get_many(&missing)?) {
+        for (i, v) in at.into_iter().zip(self.store.stage_get_many(&missing)?) {
             out[i] = v;
         }
         Ok(out)
@@ -175,12 +206,12 @@ impl StageState<'_, '_> {
 
     /// See [`StateTxn::id`].
     pub fn txn_id(&self) -> u64 {
-        self.txn.id
+        self.txn_id
     }
 
     /// See [`StateTxn::on_commit`].
     pub fn on_commit(&mut self, f: impl FnOnce() + Send + 'static) {
-        self.txn.on_commit(f);
+        self.hooks.push(Box::new(f));
     }
 
     /// Committed entries (this transaction's writes excluded) whose relative key starts with
@@ -194,36 +225,49 @@ impl StageState<'_, '_> {
         let start = self.full(prefix);
         let end = prefix_end(&start).unwrap_or_default();
         let n = self.prefix.len();
-        self.txn
-            .store
+        self.store
             .stage_for_each(&start, &end, |k, v| f(&k[n..], v))
     }
 
     pub fn put(&mut self, key: &[u8], value: &[u8]) {
-        let full = self.full(key);
-        self.txn.overlay.insert(full, Some(value.to_vec()));
+        self.set(key, Some(value.to_vec()));
+    }
+
+    /// [`StageState::put`] of a key and value the caller built for it (not copied again).
+    pub fn put_owned(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
     }
 
     pub fn delete(&mut self, key: &[u8]) {
-        let full = self.full(key);
-        self.txn.overlay.insert(full, None);
+        self.set(key, None);
+    }
+
+    fn set(&mut self, key: &[u8], value: Option<Vec<u8>>) {
+        // Overwriting keeps the map's key: no allocation for a key written before.
+        match self.writes.get_mut(key) {
+            Some(v) => *v = value,
+            None => {
+                self.writes.insert(key.to_vec(), value);
+            }
+        }
     }
 
     /// Entries with relative keys in `[start, end)`, in key order, including this batch's writes.
     pub fn range(&self, start: &[u8], end: &[u8]) -> Result<Entries, StateError> {
         let (s, e) = (self.full(start), self.full(end));
         let n = self.prefix.len();
-        let committed = self.txn.committed_range(&s, &e, n)?;
-        let mut own = self.txn.overlay.range(s..e).peekable();
+        let committed = committed_range(self.store, self.reader, &s, &e, n)?;
+        if start >= end {
+            return Ok(committed);
+        }
+        let mut own = self
+            .writes
+            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
+            .peekable();
         if own.peek().is_none() {
             return Ok(committed);
         }
         // Both lists are in key order: merge them, this transaction's writes winning.
-        // Keys in `[s, e)` start with the namespace, as `s` and `e` do.
-        fn strip(k: &[u8], n: usize) -> &[u8] {
-            k.get(n..).unwrap_or_default()
-        }
-        let rel = |k| strip(k, n);
         let mut out = Vec::with_capacity(committed.len());
         let mut committed = committed.into_iter().peekable();
         loop {
@@ -231,16 +275,15 @@ impl StageState<'_, '_> {
                 (None, None) => break,
                 (Some(_), None) => false,
                 (None, Some(_)) => true,
-                (Some((ck, _)), Some((ok, _))) => rel(ok) <= &ck[..],
+                (Some((ck, _)), Some((ok, _))) => ok <= &ck,
             };
             if take_own {
                 let Some((k, v)) = own.next() else { break };
-                let k = rel(k);
-                if committed.peek().is_some_and(|(ck, _)| ck[..] == *k) {
+                if committed.peek().is_some_and(|(ck, _)| ck == k) {
                     committed.next();
                 }
                 if let Some(v) = v {
-                    out.push((k.to_vec(), v.clone()));
+                    out.push((k.clone(), v.clone()));
                 }
             } else if let Some(entry) = committed.next() {
                 out.push(entry);

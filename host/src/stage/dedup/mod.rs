@@ -276,8 +276,8 @@ impl DedupStage {
                 expired += 1;
             }
             let first = FirstSeen::of(&r, ts);
-            st.put(&key_entry(&key), &first.encode());
-            st.put(&index_entry(ts, &key), b"");
+            st.put_owned(key_entry(&key), first.encode());
+            st.put_owned(index_entry(ts, &key), Vec::new());
             fresh.insert(fp, first.tag());
             cursor = Some(cursor.map_or(ts, |c| c.min(ts)));
             out.records.push(r);

@@ -519,13 +519,13 @@ impl IntervalJoinStage {
             self.emit(out, a.record, a.fields.as_ref(), Some(right));
             n += 1;
         }
-        st.put(
-            &data_key(Side::Left.data(), &a.key, a.ts, &a.pos),
-            &codec::encode(a.record),
+        st.put_owned(
+            data_key(Side::Left.data(), &a.key, a.ts, &a.pos),
+            codec::encode(a.record),
         );
-        st.put(
-            &index_key(Side::Left.index(), a.ts, &a.key, &a.pos),
-            &[u8::from(n > 0)],
+        st.put_owned(
+            index_key(Side::Left.index(), a.ts, &a.key, &a.pos),
+            vec![u8::from(n > 0)],
         );
         Ok(n)
     }
@@ -543,7 +543,7 @@ impl IntervalJoinStage {
         let mut n = 0u64;
         let start = lefts.partition_point(|b| b.ts < lo);
         for b in lefts[start..].iter_mut().take_while(|b| b.ts <= hi) {
-            st.put(&index_key(Side::Left.index(), b.ts, &a.key, &b.pos), &[1]);
+            st.put_owned(index_key(Side::Left.index(), b.ts, &a.key, &b.pos), vec![1]);
             let (left, lv) =
                 b.parsed(|blob| self.buffered_left(blob).map(|(r, f)| (Some(r), f)))?;
             if let Some(left) = left {
@@ -559,7 +559,10 @@ impl IntervalJoinStage {
             &data_key(Side::Right.data(), &a.key, a.ts, &a.pos),
             &a.record.value,
         );
-        st.put(&index_key(Side::Right.index(), a.ts, &a.key, &a.pos), b"");
+        st.put_owned(
+            index_key(Side::Right.index(), a.ts, &a.key, &a.pos),
+            Vec::new(),
+        );
         Ok(n)
     }
 
