@@ -294,6 +294,7 @@ impl StateStore {
         changelog: Option<(i32, i64)>,
     ) -> Result<(), StateError> {
         let key = Self::partition_key(pk);
+        let started = std::time::Instant::now();
         let stored = if outbox.len() >= self.outbox_file_min_bytes {
             std::borrow::Cow::Owned(self.outbox_files.write(&key, outbox)?)
         } else {
@@ -313,8 +314,17 @@ impl StateStore {
                 offset.to_be_bytes(),
             );
         }
+        let filed = started.elapsed();
         self.write(batch, true)?;
         self.outbox_files.stored(&stored);
+        // Synced writes usually take a few ms; the odd one that waits for the filesystem's
+        // journal sets the latency tail, so say which part waited.
+        let all = started.elapsed();
+        if all >= std::time::Duration::from_millis(50) {
+            tracing::debug!(partition = %pk, outbox_bytes = outbox.len(),
+                outbox_file_ms = filed.as_secs_f64() * 1e3,
+                rocksdb_ms = (all - filed).as_secs_f64() * 1e3, "slow synced batch write");
+        }
         for hook in hooks {
             hook();
         }

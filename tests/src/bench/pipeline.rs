@@ -131,8 +131,12 @@ impl SluiceProc {
             .args(["run", "-c"])
             .arg(config)
             .args(extra)
-            // Per-batch timing lines (`batch done`) for the latency phase's breakdown.
-            .env("SLUICE_LOG", "info,sluice::pipeline=debug")
+            // Per-batch timing lines (`batch done`, `slow synced batch write`) for the latency
+            // phase's breakdown.
+            .env(
+                "SLUICE_LOG",
+                "info,sluice::pipeline=debug,sluice::state=debug",
+            )
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
             .spawn()
