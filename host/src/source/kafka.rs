@@ -227,6 +227,14 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // of the batches sluice holds. 16 MiB is ~80,000 records of 200 bytes, more than a batch
     // takes to process. (A broker that ignores fetch limits, like noida-db, still sends more.)
     ("queued.max.messages.kbytes", "16384"),
+    // librdkafka fetches a partition while its queue holds fewer records than this and fewer
+    // bytes than the limit above. At a backlog's end the fetcher reaches the log end while
+    // sluice is still busy with earlier batches; a broker that answers such fetches at once
+    // (noida-db) then gets 10,000-35,000 empty fetches per second until the queue drains.
+    // With librdkafka's default (100,000) that lasted for the partition's last 16 MiB (the
+    // last ~12 s of a 1 M-record full path); with 10,000 (~2 MB) for its last few thousand
+    // records, a queue that still keeps the stages fed.
+    ("queued.min.messages", "10000"),
     ("fetch.max.bytes", "16777216"),
     // Once that queue has drained, fetch again soon (librdkafka waits 1 s by default after
     // the queue was full, which shows up as a stall between batches).
