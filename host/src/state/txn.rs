@@ -21,8 +21,8 @@ pub struct StateTxn<'s> {
     /// Unique in the process (see [`StateTxn::id`]).
     id: u64,
     /// Writes per namespace (stage and partition), keyed relative to it: lookups and inserts
-    /// compare and allocate only the part that differs (a single map of full keys spent
-    /// ~5 % of the full path comparing and copying namespaces).
+    /// compare and allocate only the key's own part (a single map of full keys built, copied
+    /// and compared the namespace on every read and write).
     overlay: BTreeMap<Vec<u8>, Writes>,
     hooks: Vec<CommitHook>,
     /// One iterator over committed stage state for all range reads of the batch: creating one
