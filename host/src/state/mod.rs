@@ -317,8 +317,8 @@ impl StateStore {
         let filed = started.elapsed();
         self.write(batch, true)?;
         self.outbox_files.stored(&stored);
-        // Synced writes usually take a few ms; the odd one that waits for the filesystem's
-        // journal sets the latency tail, so say which part waited.
+        // Synced writes usually take a few ms; the odd one that waits for the disk (a stalled
+        // flush of the outbox file, or of RocksDB's log) sets the latency tail, so say which.
         let all = started.elapsed();
         if all >= std::time::Duration::from_millis(50) {
             tracing::debug!(partition = %pk, outbox_bytes = outbox.len(),
