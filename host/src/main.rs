@@ -343,6 +343,9 @@ fn main() -> ExitCode {
             Command::Plugin { command } => plugin_cmd(command).await,
         }
     });
+    // A blocking task still running (a consumer close or restore that outlived its patience)
+    // must not keep the process alive once the command is done.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(code) => code,
         Err(e) => {

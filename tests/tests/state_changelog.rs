@@ -317,6 +317,98 @@ async fn restore_waits_for_records_behind_an_open_transaction() -> Result<()> {
     Ok(())
 }
 
+/// A restore waiting behind an open transaction (up to 5 minutes) ends at once when the
+/// process stops (`cancel_restores`), and what it leaves is a sound base for the next restore:
+/// once the transaction is gone, restoring again brings both batches and the journal.
+/// (Found as a stop that never finished: CI run at `a16b62b`, docs/reliability.md problem 7.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_waiting_behind_an_open_transaction_is_cancelled_by_a_stop() -> Result<()> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use std::time::{Duration, Instant};
+
+    let Some(TwoOwners {
+        brokers,
+        changelog_topic,
+        pk,
+        a,
+        b,
+        cl_a,
+        cl_b,
+        _dirs,
+    }) = two_owners(1, 0).await?
+    else {
+        return Ok(());
+    };
+    tokio::task::block_in_place(|| cl_a.restore(&a, 0))?;
+    tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 0, 9, &[("k1", Some("v1"))]))?;
+    a.complete_batch(&pk, 9)?;
+    let blocker: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("transactional.id", unique_name("blocker"))
+        .set("transaction.timeout.ms", "600000")
+        .create()?;
+    blocker.init_transactions(Duration::from_secs(30))?;
+    blocker.begin_transaction()?;
+    blocker
+        .send(
+            BaseRecord::to(&changelog_topic)
+                .partition(0)
+                .key("X-blocker")
+                .payload("never committed"),
+        )
+        .map_err(|(e, _)| e)?;
+    blocker.flush(Duration::from_secs(30))?;
+    tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 10, 19, &[("k2", Some("v2"))]))?;
+
+    let cl_b = std::sync::Arc::new(cl_b);
+    let b = std::sync::Arc::new(b);
+    let restoring = {
+        let (cl_b, b) = (cl_b.clone(), b.clone());
+        std::thread::spawn(move || cl_b.restore(&b, 0))
+    };
+    // Long enough to be waiting at the readable end (fencing and the read take well under it).
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        !restoring.is_finished(),
+        "the restore did not wait for the open transaction"
+    );
+    let stop = Instant::now();
+    cl_b.cancel_restores();
+    let r = restoring
+        .join()
+        .map_err(|_| anyhow::anyhow!("the restoring thread panicked"))?;
+    ensure!(
+        matches!(r, Err(ChangelogError::Cancelled { partition: 0 })),
+        "the restore did not end as cancelled: {r:?}"
+    );
+    ensure!(
+        stop.elapsed() < Duration::from_secs(5),
+        "cancelling took {:?}",
+        stop.elapsed()
+    );
+    ensure!(
+        matches!(cl_b.restore(&b, 0), Err(ChangelogError::Cancelled { .. })),
+        "a restore started after the stop was not refused"
+    );
+
+    blocker.abort_transaction(Duration::from_secs(30))?;
+    cl_b.allow_restores();
+    let r = tokio::task::block_in_place(|| cl_b.restore(&b, 0))?;
+    ensure!(
+        get(&b, 0, "k1")?.as_deref() == Some("v1"),
+        "k1 not restored: {r:?}"
+    );
+    ensure!(
+        get(&b, 0, "k2")?.as_deref() == Some("v2"),
+        "k2 not restored: {r:?}"
+    );
+    ensure!(
+        b.journal(&pk)?.pending.map(|p| p.first) == Some(10),
+        "the journal did not reach the last batch: {r:?}"
+    );
+    Ok(())
+}
+
 /// A restore reads from the state's position, which lies after every transaction the state
 /// already includes: possibly after an aborted one of the same `transactional.id` (a batch
 /// abandoned when its publish failed, or an instance's unfinished batch aborted by the next

@@ -171,6 +171,9 @@ impl Pipeline {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), PipelineError> {
         let p = self.cfg.pipeline.clone();
+        if let Some(c) = &self.changelog {
+            c.allow_restores();
+        }
         if let Ok(mut live) = self.live.lock() {
             live.stages = control::stage_statuses(&self.cfg, &mut stages);
         }
@@ -184,279 +187,299 @@ impl Pipeline {
         let extra: Vec<String> = side.keys().cloned().collect();
         let side_topics: BTreeSet<String> = extra.iter().cloned().collect();
         let (source, mut events) = KafkaSource::connect(&p.kafka, &self.cfg.instance_id(), &extra)?;
-        let ownership = source.ownership();
-        // One sealed batch waiting is enough to keep the single worker busy while the next one
-        // fills; every further one is up to `max_rows` records of memory and no throughput.
-        let (tx, rx) = mpsc::channel::<WorkItem>(1);
-        let mut to_worker = ToWorker { tx, permit: None };
-        let worker = Worker {
-            pipeline: p.name.clone(),
-            cfg: self.cfg.clone(),
-            stages: Arc::new(Mutex::new(stages)),
-            live: self.live.clone(),
-            side,
-            sink: self.sink.clone(),
-            dlq: self.dlq.clone(),
-            state: self.state.clone(),
-            committer: source.committer(),
-            stats: self.stats.clone(),
-            ownership: ownership.clone(),
-            changelog: self.changelog.clone(),
-        };
-        let mut worker_task = tokio::spawn(worker.run(rx, control));
-        let committer = source.committer();
-        let mut lag_probe: Option<tokio::task::JoinHandle<()>> = None;
-        // Set once the worker's result has been taken (a finished JoinHandle must not be
-        // awaited again).
-        let mut worker_done = false;
-        let batch_cfg = p.sink.batch.clone();
-        let mut accs: HashMap<PartitionKey, Accumulator> = HashMap::new();
-        // Batches sealed per partition since it was assigned: the first ones are small so the
-        // first rows are visible quickly, then they grow to the configured size.
-        let mut sealed_count: HashMap<PartitionKey, u32> = HashMap::new();
-        let mut journals: HashMap<PartitionKey, PartitionJournal> = HashMap::new();
-        // Per partition, the offset after the last record taken since it was assigned: a
-        // record below it is a re-delivery. librdkafka re-delivers when a partition is paused
-        // (the idle fetch governor does) while a message is being handed to the application:
-        // the pause saves the position before that message, and the resume fetches it again.
-        let mut taken: HashMap<PartitionKey, i64> = HashMap::new();
-        // With a changelog: partition numbers whose state this run restored since they were
-        // last assigned, and numbers revoked since the last assignment (to forget if they
-        // did not come back).
-        let mut held: BTreeSet<i32> = BTreeSet::new();
-        let mut dropped: BTreeSet<i32> = BTreeSet::new();
-        let seal = |acc: Accumulator, pk: &PartitionKey| {
-            acc.seal(pk).map(|mut b| {
-                b.epoch = ownership.epoch_of(pk);
-                b
-            })
-        };
-        let tick_every = (batch_cfg.max_age() / 4).max(Duration::from_millis(5));
-        let mut tick = tokio::time::interval(tick_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_report = Instant::now();
-        tokio::pin!(shutdown);
-        tracing::info!(pipeline = %p.name, topics = ?p.kafka.topics, side_topics = ?extra, "pipeline started");
+        let run = async {
+            let ownership = source.ownership();
+            // One sealed batch waiting is enough to keep the single worker busy while the next one
+            // fills; every further one is up to `max_rows` records of memory and no throughput.
+            let (tx, rx) = mpsc::channel::<WorkItem>(1);
+            let mut to_worker = ToWorker { tx, permit: None };
+            let worker = Worker {
+                pipeline: p.name.clone(),
+                cfg: self.cfg.clone(),
+                stages: Arc::new(Mutex::new(stages)),
+                live: self.live.clone(),
+                side,
+                sink: self.sink.clone(),
+                dlq: self.dlq.clone(),
+                state: self.state.clone(),
+                committer: source.committer(),
+                stats: self.stats.clone(),
+                ownership: ownership.clone(),
+                changelog: self.changelog.clone(),
+            };
+            let mut worker_task = tokio::spawn(worker.run(rx, control));
+            let committer = source.committer();
+            let mut lag_probe: Option<tokio::task::JoinHandle<()>> = None;
+            // Set once the worker's result has been taken (a finished JoinHandle must not be
+            // awaited again).
+            let mut worker_done = false;
+            let batch_cfg = p.sink.batch.clone();
+            let mut accs: HashMap<PartitionKey, Accumulator> = HashMap::new();
+            // Batches sealed per partition since it was assigned: the first ones are small so the
+            // first rows are visible quickly, then they grow to the configured size.
+            let mut sealed_count: HashMap<PartitionKey, u32> = HashMap::new();
+            let mut journals: HashMap<PartitionKey, PartitionJournal> = HashMap::new();
+            // Per partition, the offset after the last record taken since it was assigned: a
+            // record below it is a re-delivery. librdkafka re-delivers when a partition is paused
+            // (the idle fetch governor does) while a message is being handed to the application:
+            // the pause saves the position before that message, and the resume fetches it again.
+            let mut taken: HashMap<PartitionKey, i64> = HashMap::new();
+            // With a changelog: partition numbers whose state this run restored since they were
+            // last assigned, and numbers revoked since the last assignment (to forget if they
+            // did not come back).
+            let mut held: BTreeSet<i32> = BTreeSet::new();
+            let mut dropped: BTreeSet<i32> = BTreeSet::new();
+            let seal = |acc: Accumulator, pk: &PartitionKey| {
+                acc.seal(pk).map(|mut b| {
+                    b.epoch = ownership.epoch_of(pk);
+                    b
+                })
+            };
+            let tick_every = (batch_cfg.max_age() / 4).max(Duration::from_millis(5));
+            let mut tick = tokio::time::interval(tick_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_report = Instant::now();
+            tokio::pin!(shutdown);
+            tracing::info!(pipeline = %p.name, topics = ?p.kafka.topics, side_topics = ?extra, "pipeline started");
 
-        let result: Result<(), PipelineError> = 'consume: loop {
-            // Batches are sealed when the earliest reaches its age limit (a timer, not the
-            // tick: its period would add up to a quarter of the age to the latency).
-            let due = accs.values().filter_map(|a| a.deadline(&batch_cfg)).min();
-            let mut seal_aged = false;
-            tokio::select! {
-                biased;
-                _ = &mut shutdown => break Ok(()),
-                r = &mut worker_task, if !worker_done => {
-                    worker_done = true;
-                    break Err(worker_exit(r));
-                }
-                Some(ev) = events.recv() => {
-                    match ev {
-                        RebalanceEvent::Revoked(parts) => {
-                            for pk in parts {
-                                // Not committed: the next owner consumes it again.
-                                accs.remove(&pk);
-                                sealed_count.remove(&pk);
-                                journals.remove(&pk);
-                                taken.remove(&pk);
-                                // Someone else may write its state before it comes back.
-                                if held.remove(&pk.partition) {
-                                    dropped.insert(pk.partition);
-                                }
-                            }
-                        }
-                        RebalanceEvent::Assigned(_) if self.changelog.is_some() => {
-                            // Restore gained partitions now rather than at their first record;
-                            // forget the state of those that did not come back.
-                            let now = ownership.numbers();
-                            let gained: Vec<i32> = now.difference(&held).copied().collect();
-                            let lost: Vec<i32> = dropped.difference(&now).copied().collect();
-                            dropped.clear();
-                            match change_ownership(&mut to_worker, gained.clone(), lost).await {
-                                Ok(()) => held.extend(gained),
-                                Err(Some(e)) => break Err(e),
-                                Err(None) => {
-                                    worker_done = true;
-                                    break Err(worker_exit((&mut worker_task).await));
-                                }
-                            }
-                        }
-                        RebalanceEvent::Assigned(_) => {}
+            let result: Result<(), PipelineError> = 'consume: loop {
+                // Batches are sealed when the earliest reaches its age limit (a timer, not the
+                // tick: its period would add up to a quarter of the age to the latency).
+                let due = accs.values().filter_map(|a| a.deadline(&batch_cfg)).min();
+                let mut seal_aged = false;
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break Ok(()),
+                    r = &mut worker_task, if !worker_done => {
+                        worker_done = true;
+                        break Err(worker_exit(r));
                     }
-                }
-                // Before `recv` in this biased select: with a steady stream of messages the age
-                // limit must still close batches (and progress must still be reported).
-                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
-                    seal_aged = true;
-                }
-                _ = tick.tick() => {
-                    source.release_loaded_sides();
-                    if last_report.elapsed() >= Duration::from_secs(5) {
-                        last_report = Instant::now();
-                        self.report();
-                        if lag_probe.as_ref().is_none_or(|h| h.is_finished()) {
-                            lag_probe = Some(self.probe_lag(&committer));
-                        }
-                    }
-                }
-                // Records are taken only while the channel's one slot is reserved: the worker
-                // holds one batch, the channel (at most) one more, and this loop fills no third
-                // meanwhile (each is up to `max_rows` records of memory).
-                permit = to_worker.tx.clone().reserve_owned(), if to_worker.permit.is_none() => {
-                    match permit {
-                        Ok(p) => to_worker.permit = Some(p),
-                        Err(_) => {
-                            worker_done = true;
-                            break Err(worker_exit((&mut worker_task).await));
-                        }
-                    }
-                }
-                chunk = source.recv_many(RECV_CHUNK), if to_worker.permit.is_some() => {
-                    let chunk = match chunk {
-                        Ok(c) => c,
-                        Err(SourceError::Rejoin(why)) => break Err(PipelineError::Rejoin(why)),
-                        Err(e) => break Err(e.into()),
-                    };
-                    Stats::add(&self.stats.consumed, chunk.len() as u64);
-                    // Consecutive records mostly share a partition: its key is built once.
-                    let mut current: Option<PartitionKey> = None;
-                    let mut again: Vec<(PartitionKey, i64)> = Vec::new();
-                    for origin in chunk {
-                        if current.as_ref().is_none_or(|pk| {
-                            pk.partition != origin.partition || pk.topic.as_str() != &*origin.topic
-                        }) {
-                            current = Some(PartitionKey { topic: origin.topic.to_string(), partition: origin.partition });
-                        }
-                        let Some(pk) = current.as_ref() else { continue };
-                        if self.changelog.is_some() && !held.contains(&pk.partition) {
-                            // A record of a partition whose assignment event is still queued: its
-                            // state (and journal) must be restored before the journal is read.
-                            match change_ownership(&mut to_worker, vec![pk.partition], Vec::new()).await {
-                                Ok(()) => {
-                                    held.insert(pk.partition);
-                                }
-                                Err(Some(e)) => break 'consume Err(e),
-                                Err(None) => {
-                                    worker_done = true;
-                                    break 'consume Err(worker_exit((&mut worker_task).await));
-                                }
-                            }
-                        }
-                        if !journals.contains_key(pk) {
-                            // First record of this partition since it was assigned: finish the
-                            // batch a previous run left in flight before anything else.
-                            let mut j = self.state.journal(pk)?;
-                            if let Some(b) = j.pending.as_ref().filter(|b| b.last < origin.offset) {
-                                // The group is already past it (another instance handled this
-                                // partition meanwhile): re-sending it would commit an older offset.
-                                tracing::warn!(partition = %pk, "dropping a stale journal entry: the group's offset is past it");
-                                self.state.complete_batch(pk, b.last)?;
-                                j = self.state.journal(pk)?;
-                            }
-                            if let Some(pending) = j.pending.clone() {
-                                match self.state.outbox(pk)? {
-                                    Some(outbox) => {
-                                        tracing::info!(partition = %pk, first = pending.first, last = pending.last,
-                                            "re-sending batch from the journal");
-                                        Stats::add(&self.stats.recovered_batches, 1);
-                                        let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox, dead_letters_sent: pending.dead_letters_sent, epoch: ownership.epoch_of(pk) };
-                                        if to_worker.send(item).await.is_err() {
-                                            worker_done = true;
-                                            break 'consume Err(worker_exit((&mut worker_task).await));
-                                        }
-                                        j.next_offset = Some(pending.last + 1);
+                    Some(ev) = events.recv() => {
+                        match ev {
+                            RebalanceEvent::Revoked(parts) => {
+                                for pk in parts {
+                                    // Not committed: the next owner consumes it again.
+                                    accs.remove(&pk);
+                                    sealed_count.remove(&pk);
+                                    journals.remove(&pk);
+                                    taken.remove(&pk);
+                                    // Someone else may write its state before it comes back.
+                                    if held.remove(&pk.partition) {
+                                        dropped.insert(pk.partition);
                                     }
-                                    None => tracing::warn!(partition = %pk, "journal entry without outbox; consuming the batch again"),
                                 }
-                                j.pending = None;
                             }
-                            journals.insert(pk.clone(), j);
-                        }
-                        let Some(journal) = journals.get(pk) else { continue };
-                        if journal.next_offset.is_some_and(|n| origin.offset < n) {
-                            // Already in ClickHouse (the group's offset was behind the journal).
-                            Stats::add(&self.stats.skipped_records, 1);
-                            continue;
-                        }
-                        match taken.get_mut(pk) {
-                            Some(next) if origin.offset < *next => {
-                                Stats::add(&self.stats.skipped_records, 1);
-                                again.push((pk.clone(), origin.offset));
-                                continue;
+                            RebalanceEvent::Assigned(_) if self.changelog.is_some() => {
+                                // Restore gained partitions now rather than at their first record;
+                                // forget the state of those that did not come back.
+                                let now = ownership.numbers();
+                                let gained: Vec<i32> = now.difference(&held).copied().collect();
+                                let lost: Vec<i32> = dropped.difference(&now).copied().collect();
+                                dropped.clear();
+                                // A restore can wait minutes for the changelog: a stop ends it.
+                                let changed = tokio::select! {
+                                    r = change_ownership(&mut to_worker, gained.clone(), lost) => r,
+                                    _ = &mut shutdown => {
+                                        self.cancel_restores();
+                                        break 'consume Ok(());
+                                    }
+                                };
+                                match changed {
+                                    Ok(()) => held.extend(gained),
+                                    Err(Some(e)) => break Err(e),
+                                    Err(None) => {
+                                        worker_done = true;
+                                        break Err(worker_exit((&mut worker_task).await));
+                                    }
+                                }
                             }
-                            Some(next) => *next = origin.offset + 1,
-                            None => {
-                                taken.insert(pk.clone(), origin.offset + 1);
+                            RebalanceEvent::Assigned(_) => {}
+                        }
+                    }
+                    // Before `recv` in this biased select: with a steady stream of messages the age
+                    // limit must still close batches (and progress must still be reported).
+                    _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                        seal_aged = true;
+                    }
+                    _ = tick.tick() => {
+                        source.release_loaded_sides();
+                        if last_report.elapsed() >= Duration::from_secs(5) {
+                            last_report = Instant::now();
+                            self.report();
+                            if lag_probe.as_ref().is_none_or(|h| h.is_finished()) {
+                                lag_probe = Some(self.probe_lag(&committer));
                             }
                         }
-                        let acc = match accs.get_mut(pk) {
-                            Some(acc) => acc,
-                            None => accs.entry(pk.clone()).or_insert_with(|| {
-                                Accumulator::ramp(sealed_count.get(pk).copied().unwrap_or(0))
-                            }),
+                    }
+                    // Records are taken only while the channel's one slot is reserved: the worker
+                    // holds one batch, the channel (at most) one more, and this loop fills no third
+                    // meanwhile (each is up to `max_rows` records of memory).
+                    permit = to_worker.tx.clone().reserve_owned(), if to_worker.permit.is_none() => {
+                        match permit {
+                            Ok(p) => to_worker.permit = Some(p),
+                            Err(_) => {
+                                worker_done = true;
+                                break Err(worker_exit((&mut worker_task).await));
+                            }
+                        }
+                    }
+                    chunk = source.recv_many(RECV_CHUNK), if to_worker.permit.is_some() => {
+                        let chunk = match chunk {
+                            Ok(c) => c,
+                            Err(SourceError::Rejoin(why)) => break Err(PipelineError::Rejoin(why)),
+                            Err(e) => break Err(e.into()),
                         };
-                        acc.push(origin);
-                        if acc.is_full(&batch_cfg) {
-                            for k in sides_first(&accs, pk, &side_topics) {
-                                if let Some(sealed) = accs.remove(&k).and_then(|a| seal(a, &k)) {
-                                    *sealed_count.entry(k).or_default() += 1;
-                                    if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
+                        Stats::add(&self.stats.consumed, chunk.len() as u64);
+                        // Consecutive records mostly share a partition: its key is built once.
+                        let mut current: Option<PartitionKey> = None;
+                        let mut again: Vec<(PartitionKey, i64)> = Vec::new();
+                        for origin in chunk {
+                            if current.as_ref().is_none_or(|pk| {
+                                pk.partition != origin.partition || pk.topic.as_str() != &*origin.topic
+                            }) {
+                                current = Some(PartitionKey { topic: origin.topic.to_string(), partition: origin.partition });
+                            }
+                            let Some(pk) = current.as_ref() else { continue };
+                            if self.changelog.is_some() && !held.contains(&pk.partition) {
+                                // A record of a partition whose assignment event is still queued: its
+                                // state (and journal) must be restored before the journal is read.
+                                let changed = tokio::select! {
+                                    r = change_ownership(&mut to_worker, vec![pk.partition], Vec::new()) => r,
+                                    _ = &mut shutdown => {
+                                        self.cancel_restores();
+                                        break 'consume Ok(());
+                                    }
+                                };
+                                match changed {
+                                    Ok(()) => {
+                                        held.insert(pk.partition);
+                                    }
+                                    Err(Some(e)) => break 'consume Err(e),
+                                    Err(None) => {
                                         worker_done = true;
                                         break 'consume Err(worker_exit((&mut worker_task).await));
                                     }
                                 }
                             }
+                            if !journals.contains_key(pk) {
+                                // First record of this partition since it was assigned: finish the
+                                // batch a previous run left in flight before anything else.
+                                let mut j = self.state.journal(pk)?;
+                                if let Some(b) = j.pending.as_ref().filter(|b| b.last < origin.offset) {
+                                    // The group is already past it (another instance handled this
+                                    // partition meanwhile): re-sending it would commit an older offset.
+                                    tracing::warn!(partition = %pk, "dropping a stale journal entry: the group's offset is past it");
+                                    self.state.complete_batch(pk, b.last)?;
+                                    j = self.state.journal(pk)?;
+                                }
+                                if let Some(pending) = j.pending.clone() {
+                                    match self.state.outbox(pk)? {
+                                        Some(outbox) => {
+                                            tracing::info!(partition = %pk, first = pending.first, last = pending.last,
+                                                "re-sending batch from the journal");
+                                            Stats::add(&self.stats.recovered_batches, 1);
+                                            let item = WorkItem::Recover { partition: pk.clone(), first: pending.first, last: pending.last, outbox, dead_letters_sent: pending.dead_letters_sent, epoch: ownership.epoch_of(pk) };
+                                            if to_worker.send(item).await.is_err() {
+                                                worker_done = true;
+                                                break 'consume Err(worker_exit((&mut worker_task).await));
+                                            }
+                                            j.next_offset = Some(pending.last + 1);
+                                        }
+                                        None => tracing::warn!(partition = %pk, "journal entry without outbox; consuming the batch again"),
+                                    }
+                                    j.pending = None;
+                                }
+                                journals.insert(pk.clone(), j);
+                            }
+                            let Some(journal) = journals.get(pk) else { continue };
+                            if journal.next_offset.is_some_and(|n| origin.offset < n) {
+                                // Already in ClickHouse (the group's offset was behind the journal).
+                                Stats::add(&self.stats.skipped_records, 1);
+                                continue;
+                            }
+                            match taken.get_mut(pk) {
+                                Some(next) if origin.offset < *next => {
+                                    Stats::add(&self.stats.skipped_records, 1);
+                                    again.push((pk.clone(), origin.offset));
+                                    continue;
+                                }
+                                Some(next) => *next = origin.offset + 1,
+                                None => {
+                                    taken.insert(pk.clone(), origin.offset + 1);
+                                }
+                            }
+                            let acc = match accs.get_mut(pk) {
+                                Some(acc) => acc,
+                                None => accs.entry(pk.clone()).or_insert_with(|| {
+                                    Accumulator::ramp(sealed_count.get(pk).copied().unwrap_or(0))
+                                }),
+                            };
+                            acc.push(origin);
+                            if acc.is_full(&batch_cfg) {
+                                for k in sides_first(&accs, pk, &side_topics) {
+                                    if let Some(sealed) = accs.remove(&k).and_then(|a| seal(a, &k)) {
+                                        *sealed_count.entry(k).or_default() += 1;
+                                        if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
+                                            worker_done = true;
+                                            break 'consume Err(worker_exit((&mut worker_task).await));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        if let (Some((pk, first)), Some((_, last))) = (again.first(), again.last()) {
+                            tracing::info!(partition = %pk, first, last, records = again.len(),
+                                "the consumer delivered records again that were already taken; skipped them");
                         }
                     }
-                    if let (Some((pk, first)), Some((_, last))) = (again.first(), again.last()) {
-                        tracing::info!(partition = %pk, first, last, records = again.len(),
-                            "the consumer delivered records again that were already taken; skipped them");
+                }
+                if seal_aged {
+                    let aged: Vec<PartitionKey> = accs
+                        .iter()
+                        .filter(|(_, a)| a.is_aged(&batch_cfg))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    let order: Vec<PartitionKey> = aged
+                        .iter()
+                        .flat_map(|pk| sides_first(&accs, pk, &side_topics))
+                        .collect();
+                    for pk in order {
+                        if let Some(sealed) = accs.remove(&pk).and_then(|a| seal(a, &pk)) {
+                            *sealed_count.entry(pk.clone()).or_default() += 1;
+                            if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
+                                return Err(worker_exit((&mut worker_task).await));
+                            }
+                        }
                     }
                 }
-            }
-            if seal_aged {
-                let aged: Vec<PartitionKey> = accs
-                    .iter()
-                    .filter(|(_, a)| a.is_aged(&batch_cfg))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                let order: Vec<PartitionKey> = aged
-                    .iter()
-                    .flat_map(|pk| sides_first(&accs, pk, &side_topics))
-                    .collect();
-                for pk in order {
-                    if let Some(sealed) = accs.remove(&pk).and_then(|a| seal(a, &pk)) {
-                        *sealed_count.entry(pk.clone()).or_default() += 1;
+            };
+            if result.is_ok() {
+                // Graceful stop: flush what has been consumed, side topics first.
+                let mut open: Vec<(PartitionKey, Accumulator)> = accs.drain().collect();
+                open.sort_by_key(|(pk, _)| !side_topics.contains(&pk.topic));
+                for (pk, acc) in open {
+                    if let Some(sealed) = seal(acc, &pk) {
                         if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
-                            return Err(worker_exit((&mut worker_task).await));
+                            break;
                         }
                     }
                 }
             }
-        };
-        if result.is_ok() {
-            // Graceful stop: flush what has been consumed, side topics first.
-            let mut open: Vec<(PartitionKey, Accumulator)> = accs.drain().collect();
-            open.sort_by_key(|(pk, _)| !side_topics.contains(&pk.topic));
-            for (pk, acc) in open {
-                if let Some(sealed) = seal(acc, &pk) {
-                    if to_worker.send(WorkItem::Batch(sealed)).await.is_err() {
-                        break;
-                    }
-                }
+            drop(to_worker);
+            if worker_done {
+                self.end_run();
+                return result;
             }
-        }
-        drop(to_worker);
-        if worker_done {
+            let worker_result = worker_task
+                .await
+                .map_err(|e| PipelineError::Worker(e.to_string()))?;
             self.end_run();
-            return result;
-        }
-        let worker_result = worker_task
-            .await
-            .map_err(|e| PipelineError::Worker(e.to_string()))?;
-        self.end_run();
-        result?;
-        worker_result
+            result?;
+            worker_result
+        };
+        let result: Result<(), PipelineError> = run.await;
+        close_source(source).await;
+        result
     }
 
     /// Measures lag (end offset − committed offset) per assigned partition, off the loop.
@@ -478,6 +501,14 @@ impl Pipeline {
                 l.lag = lags.into_iter().map(|(pk, c, e)| (pk, (c, e))).collect();
             }
         })
+    }
+
+    /// The run is stopping while a restore may be under way (see `Changelog::cancel_restores`).
+    fn cancel_restores(&self) {
+        if let Some(c) = &self.changelog {
+            tracing::info!(pipeline = %self.cfg.pipeline.name, "stopping during a state restore: cancelling it");
+            c.cancel_restores();
+        }
     }
 
     fn end_run(&self) {
@@ -519,6 +550,28 @@ impl ToWorker {
             }
             None => self.tx.send(item).await.map_err(|_| ()),
         }
+    }
+}
+
+/// How long leaving the consumer group may hold up the end of a run.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Closes the consumer (commits nothing; leaves the group) off the async threads. librdkafka's
+/// close polls until the group is left, without a time limit: a broker or group coordinator
+/// that stops answering must not keep a stopping instance alive.
+async fn close_source(source: KafkaSource) {
+    let started = Instant::now();
+    let closing = tokio::task::spawn_blocking(move || drop(source));
+    match tokio::time::timeout(CLOSE_PATIENCE, closing).await {
+        Ok(_) if started.elapsed() > Duration::from_secs(2) => tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "closing the Kafka consumer (leaving the group) was slow"
+        ),
+        Ok(_) => {}
+        Err(_) => tracing::warn!(
+            "the Kafka consumer did not close within {} s; going on without it (the broker ends its group membership after session.timeout.ms)",
+            CLOSE_PATIENCE.as_secs()
+        ),
     }
 }
 

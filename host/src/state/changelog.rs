@@ -21,6 +21,7 @@
 //! [`Changelog::restore`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,8 @@ const CHUNK: usize = 512 * 1024;
 /// How long a restore may wait for the changelog before the run fails (and is retried).
 const RESTORE_PATIENCE: Duration = Duration::from_secs(300);
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+/// A restore read that gets nothing for this long says where it stands.
+const QUIET_REPORT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangelogError {
@@ -54,6 +57,9 @@ pub enum ChangelogError {
     NotOwned { partition: i32 },
     #[error("state changelog partition {partition}: {message}")]
     Kafka { partition: i32, message: String },
+    /// The process is stopping ([`Changelog::cancel_restores`]).
+    #[error("state changelog partition {partition}: restore cancelled, the process is stopping")]
+    Cancelled { partition: i32 },
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -82,6 +88,9 @@ pub struct Changelog {
     txn_prefix: String,
     /// Producers of the partition numbers this instance owns.
     producers: Mutex<HashMap<i32, Arc<FutureProducer>>>,
+    /// Set when the process stops: a restore can wait minutes for the changelog (RESTORE_PATIENCE),
+    /// and a stop must not wait with it.
+    cancelled: AtomicBool,
 }
 
 /// Key of the local record saying how far a namespace's state follows the changelog.
@@ -167,6 +176,7 @@ impl Changelog {
             topic,
             kafka: kafka.clone(),
             producers: Mutex::new(HashMap::new()),
+            cancelled: AtomicBool::new(false),
         })
     }
 
@@ -193,10 +203,25 @@ impl Changelog {
     /// Makes this instance the writer of partition number `n`: fences the previous owner,
     /// then brings the local state of `n` up to the changelog. Blocking.
     pub fn restore(&self, store: &StateStore, n: i32) -> Result<Restored, ChangelogError> {
+        self.check_cancelled(n)?;
         let started = Instant::now();
+        tracing::debug!(
+            partition = n,
+            "restoring from the state changelog: fencing the previous owner"
+        );
         let producer = self.producer_for(n)?;
+        let fenced_after = started.elapsed();
+        if fenced_after > Duration::from_secs(2) {
+            tracing::info!(
+                partition = n,
+                took_ms = fenced_after.as_millis() as u64,
+                "fencing the previous owner of the state changelog partition was slow"
+            );
+        }
+        self.check_cancelled(n)?;
         let reader = self.client("read_committed")?;
         let (low, high) = self.watermarks(n)?;
+        tracing::debug!(partition = n, low, high, "reading the state changelog");
         let pos = store.changelog_position(n)?;
         let mut done = Restored {
             from_offset: low,
@@ -277,6 +302,25 @@ impl Changelog {
         self.restore(store, n)
     }
 
+    /// Ends restores in progress and refuses new ones (with [`ChangelogError::Cancelled`]):
+    /// the process is stopping. The state they leave is safe to build on: a partial read has
+    /// not moved the local position, and re-applying changelog records is idempotent.
+    pub fn cancel_restores(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Undoes [`Changelog::cancel_restores`] (a pipeline paused by the API runs again).
+    pub fn allow_restores(&self) {
+        self.cancelled.store(false, Ordering::Relaxed);
+    }
+
+    fn check_cancelled(&self, n: i32) -> Result<(), ChangelogError> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(ChangelogError::Cancelled { partition: n });
+        }
+        Ok(())
+    }
+
     /// Forgets partition number `n` (it moved to another instance).
     pub fn release(&self, n: i32) {
         if let Ok(mut m) = self.producers.lock() {
@@ -347,7 +391,23 @@ impl Changelog {
         let started = Instant::now();
         let deadline = started + RESTORE_PATIENCE;
         let mut held_at: Option<i64> = None;
+        let mut last_progress = started;
+        let mut reported = started;
         loop {
+            self.check_cancelled(n)?;
+            if reported.max(last_progress).elapsed() >= QUIET_REPORT {
+                // Without this a stalled read is silent for RESTORE_PATIENCE.
+                reported = Instant::now();
+                tracing::info!(
+                    partition = n,
+                    from,
+                    end = high,
+                    last_read = last,
+                    position = self.position(consumer, n),
+                    quiet_s = last_progress.elapsed().as_secs(),
+                    "restoring from the state changelog: nothing read for a while; still waiting"
+                );
+            }
             if Instant::now() > deadline {
                 return Err(ChangelogError::Kafka {
                     partition: n,
@@ -397,6 +457,7 @@ impl Changelog {
                     continue;
                 }
             };
+            last_progress = Instant::now();
             // Consecutive records of one transaction are adjacent; between transactions
             // lies one commit marker. A wider gap is an aborted transaction or hidden records.
             skipped |= m.offset() - last > 2;
