@@ -125,6 +125,12 @@ pub struct StateStore {
     outbox_file_min_bytes: usize,
 }
 
+/// Column family `name` of `db` (all are created at open; missing means a damaged store).
+fn cf_of<'d>(db: &'d DB, name: &str) -> Result<&'d rocksdb::ColumnFamily, StateError> {
+    db.cf_handle(name)
+        .ok_or_else(|| StateError::Io(format!("column family {name} missing")))
+}
+
 impl StateStore {
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         Self::open_with(dir, StateMemory::default())
@@ -189,10 +195,7 @@ impl StateStore {
         // Files of batches finished (or never referenced) before the last stop are deleted.
         let mut live = Vec::new();
         {
-            let cf = db
-                .cf_handle(CF_OUTBOX)
-                .ok_or_else(|| StateError::Io(format!("column family {CF_OUTBOX} missing")))?;
-            let mut it = db.raw_iterator_cf(cf);
+            let mut it = db.raw_iterator_cf(cf_of(&db, CF_OUTBOX)?);
             it.seek_to_first();
             while let Some(v) = it.value() {
                 // Inline outboxes (restored ones, or written before outbox files) are not copied.
@@ -224,9 +227,7 @@ impl StateStore {
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StateError> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| StateError::Io(format!("column family {name} missing")))
+        cf_of(&self.db, name)
     }
 
     pub fn journal(&self, pk: &PartitionKey) -> Result<PartitionJournal, StateError> {
