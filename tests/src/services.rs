@@ -272,6 +272,33 @@ pub fn kafka_config(brokers: &str) -> ClientConfig {
     cfg
 }
 
+/// A transactional producer of its own that has sent one record to `topic` [`partition`] in a
+/// transaction it leaves open (for up to 10 minutes): the partition's last stable offset stays
+/// below it, as behind a stalled or crashed producer. Abort it (or drop it) to end that.
+pub fn open_transaction(
+    brokers: &str,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<rdkafka::producer::BaseProducer> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = kafka_config(brokers)
+        .set("transactional.id", unique_name("blocker"))
+        .set("transaction.timeout.ms", "600000")
+        .create()?;
+    producer.init_transactions(Duration::from_secs(30))?;
+    producer.begin_transaction()?;
+    producer
+        .send(
+            BaseRecord::to(topic)
+                .partition(partition)
+                .key("X-blocker")
+                .payload("never committed"),
+        )
+        .map_err(|(e, _)| e)?;
+    producer.flush(Duration::from_secs(30))?;
+    Ok(producer)
+}
+
 /// Consumer settings for a consumer group: manual commits, start at the beginning.
 pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
     let mut cfg = kafka_config(brokers);

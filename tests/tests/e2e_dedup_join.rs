@@ -663,7 +663,7 @@ async fn e2e_dedup_window_expiry() -> Result<()> {
 /// (noida-db), hence no `e2e_` prefix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedup_stop_during_a_changelog_restore_is_prompt() -> Result<()> {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::producer::Producer;
 
     let env = Env::new().await?;
     if !env.kafka.kind.hides_aborted_transactions() {
@@ -686,22 +686,7 @@ async fn dedup_stop_during_a_changelog_restore_is_prompt() -> Result<()> {
     )
     .await?;
     // An open transaction on the changelog partition holds its readable end below its end.
-    let blocker: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &env.kafka.brokers)
-        .set("transactional.id", unique_name("blocker"))
-        .set("transaction.timeout.ms", "600000")
-        .create()?;
-    blocker.init_transactions(Duration::from_secs(30))?;
-    blocker.begin_transaction()?;
-    blocker
-        .send(
-            BaseRecord::to(&changelog)
-                .partition(0)
-                .key("X-blocker")
-                .payload("open"),
-        )
-        .map_err(|(e, _)| e)?;
-    blocker.flush(Duration::from_secs(30))?;
+    let blocker = services::open_transaction(&env.kafka.brokers, &changelog, 0)?;
 
     let config = env.pipeline(
         &[&topic],

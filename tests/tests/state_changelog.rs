@@ -139,6 +139,20 @@ async fn two_owners(partitions: i32, partition: i32) -> Result<Option<TwoOwners>
     }))
 }
 
+/// The setup of the tests of a restore behind an open transaction: `a` owns the partition and
+/// commits a batch (k1), a stranger's transaction is left open on the changelog partition, and
+/// `a` commits a second batch (k2) behind it. Returns the stranger, to abort.
+fn batch_behind_open_transaction(o: &TwoOwners) -> Result<rdkafka::producer::BaseProducer> {
+    tokio::task::block_in_place(|| -> Result<_> {
+        o.cl_a.restore(&o.a, 0)?;
+        write_batch(&o.a, &o.cl_a, &o.pk, 0, 9, &[("k1", Some("v1"))])?;
+        o.a.complete_batch(&o.pk, 9)?;
+        let blocker = services::open_transaction(&o.brokers, &o.changelog_topic, 0)?;
+        write_batch(&o.a, &o.cl_a, &o.pk, 10, 19, &[("k2", Some("v2"))])?;
+        Ok(blocker)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelog_hands_state_over_fences_the_old_owner_and_catches_up() -> Result<()> {
     let Some(TwoOwners {
@@ -253,45 +267,14 @@ async fn changelog_hands_state_over_fences_the_old_owner_and_catches_up() -> Res
 /// partition while the owner publishes a batch, and aborts it a moment after the restore began.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_waits_for_records_behind_an_open_transaction() -> Result<()> {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::producer::Producer;
     use std::time::Duration;
 
-    let Some(TwoOwners {
-        brokers,
-        changelog_topic,
-        pk,
-        a,
-        b,
-        cl_a,
-        cl_b,
-        _dirs,
-    }) = two_owners(1, 0).await?
-    else {
+    let Some(owners) = two_owners(1, 0).await? else {
         return Ok(());
     };
-    tokio::task::block_in_place(|| cl_a.restore(&a, 0))?;
-    tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 0, 9, &[("k1", Some("v1"))]))?;
-    a.complete_batch(&pk, 9)?;
-
-    // Another producer opens a transaction on the changelog partition and leaves it open.
-    let blocker: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("transactional.id", unique_name("blocker"))
-        .create()?;
-    blocker.init_transactions(Duration::from_secs(30))?;
-    blocker.begin_transaction()?;
-    blocker
-        .send(
-            BaseRecord::to(&changelog_topic)
-                .partition(0)
-                .key("X-blocker")
-                .payload("never committed"),
-        )
-        .map_err(|(e, _)| e)?;
-    blocker.flush(Duration::from_secs(30))?;
-
-    // The owner's next batch is committed behind it.
-    tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 10, 19, &[("k2", Some("v2"))]))?;
+    let blocker = batch_behind_open_transaction(&owners)?;
+    let TwoOwners { pk, b, cl_b, .. } = owners;
 
     // The open transaction ends (aborted) a moment after the new owner's restore started.
     let aborter = std::thread::spawn(move || {
@@ -323,42 +306,14 @@ async fn restore_waits_for_records_behind_an_open_transaction() -> Result<()> {
 /// (Found as a stop that never finished: CI run at `a16b62b`, docs/reliability.md problem 7.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_waiting_behind_an_open_transaction_is_cancelled_by_a_stop() -> Result<()> {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::producer::Producer;
     use std::time::{Duration, Instant};
 
-    let Some(TwoOwners {
-        brokers,
-        changelog_topic,
-        pk,
-        a,
-        b,
-        cl_a,
-        cl_b,
-        _dirs,
-    }) = two_owners(1, 0).await?
-    else {
+    let Some(owners) = two_owners(1, 0).await? else {
         return Ok(());
     };
-    tokio::task::block_in_place(|| cl_a.restore(&a, 0))?;
-    tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 0, 9, &[("k1", Some("v1"))]))?;
-    a.complete_batch(&pk, 9)?;
-    let blocker: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("transactional.id", unique_name("blocker"))
-        .set("transaction.timeout.ms", "600000")
-        .create()?;
-    blocker.init_transactions(Duration::from_secs(30))?;
-    blocker.begin_transaction()?;
-    blocker
-        .send(
-            BaseRecord::to(&changelog_topic)
-                .partition(0)
-                .key("X-blocker")
-                .payload("never committed"),
-        )
-        .map_err(|(e, _)| e)?;
-    blocker.flush(Duration::from_secs(30))?;
-    tokio::task::block_in_place(|| write_batch(&a, &cl_a, &pk, 10, 19, &[("k2", Some("v2"))]))?;
+    let blocker = batch_behind_open_transaction(&owners)?;
+    let TwoOwners { pk, b, cl_b, .. } = owners;
 
     let cl_b = std::sync::Arc::new(cl_b);
     let b = std::sync::Arc::new(b);
