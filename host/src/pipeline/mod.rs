@@ -276,16 +276,9 @@ impl Pipeline {
                                 let gained: Vec<i32> = now.difference(&held).copied().collect();
                                 let lost: Vec<i32> = dropped.difference(&now).copied().collect();
                                 dropped.clear();
-                                // A restore can wait minutes for the changelog: a stop ends it.
-                                let changed = tokio::select! {
-                                    r = change_ownership(&mut to_worker, gained.clone(), lost) => r,
-                                    _ = &mut shutdown => {
-                                        self.cancel_restores();
-                                        break 'consume Ok(());
-                                    }
-                                };
-                                match changed {
-                                    Ok(()) => held.extend(gained),
+                                match self.change_ownership(&mut to_worker, gained.clone(), lost, shutdown.as_mut()).await {
+                                    Ok(true) => held.extend(gained),
+                                    Ok(false) => break 'consume Ok(()),
                                     Err(Some(e)) => break Err(e),
                                     Err(None) => {
                                         worker_done = true;
@@ -343,17 +336,11 @@ impl Pipeline {
                             if self.changelog.is_some() && !held.contains(&pk.partition) {
                                 // A record of a partition whose assignment event is still queued: its
                                 // state (and journal) must be restored before the journal is read.
-                                let changed = tokio::select! {
-                                    r = change_ownership(&mut to_worker, vec![pk.partition], Vec::new()) => r,
-                                    _ = &mut shutdown => {
-                                        self.cancel_restores();
-                                        break 'consume Ok(());
-                                    }
-                                };
-                                match changed {
-                                    Ok(()) => {
+                                match self.change_ownership(&mut to_worker, vec![pk.partition], Vec::new(), shutdown.as_mut()).await {
+                                    Ok(true) => {
                                         held.insert(pk.partition);
                                     }
+                                    Ok(false) => break 'consume Ok(()),
                                     Err(Some(e)) => break 'consume Err(e),
                                     Err(None) => {
                                         worker_done = true;
@@ -503,11 +490,43 @@ impl Pipeline {
         })
     }
 
-    /// The run is stopping while a restore may be under way (see `Changelog::cancel_restores`).
-    fn cancel_restores(&self) {
-        if let Some(c) = &self.changelog {
-            tracing::info!(pipeline = %self.cfg.pipeline.name, "stopping during a state restore: cancelling it");
-            c.cancel_restores();
+    /// Has the worker restore `gained` partition numbers from the changelog and forget `lost`
+    /// ones, after the batches queued before; waits for it, unless `shutdown` comes first: a
+    /// restore can wait minutes for the changelog, so a stop cancels it (`Ok(false)`).
+    /// `Err(None)`: the worker is gone.
+    async fn change_ownership(
+        &self,
+        tx: &mut ToWorker,
+        gained: Vec<i32>,
+        lost: Vec<i32>,
+        shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<bool, Option<PipelineError>> {
+        if gained.is_empty() && lost.is_empty() {
+            return Ok(true);
+        }
+        let changed = async {
+            let (reply, done) = tokio::sync::oneshot::channel();
+            tx.send(WorkItem::Ownership {
+                gained,
+                lost,
+                reply,
+            })
+            .await
+            .map_err(|()| None)?;
+            match done.await {
+                Ok(r) => r.map(|()| true).map_err(Some),
+                Err(_) => Err(None),
+            }
+        };
+        tokio::select! {
+            r = changed => r,
+            _ = shutdown => {
+                if let Some(c) = &self.changelog {
+                    tracing::info!(pipeline = %self.cfg.pipeline.name, "stopping during a state restore: cancelling it");
+                    c.cancel_restores();
+                }
+                Ok(false)
+            }
         }
     }
 
@@ -572,30 +591,6 @@ async fn close_source(source: KafkaSource) {
             "the Kafka consumer did not close within {} s; going on without it (the broker ends its group membership after session.timeout.ms)",
             CLOSE_PATIENCE.as_secs()
         ),
-    }
-}
-
-/// Has the worker restore `gained` partition numbers from the changelog and forget `lost`
-/// ones, after the batches queued before; waits for it. `Err(None)`: the worker is gone.
-async fn change_ownership(
-    tx: &mut ToWorker,
-    gained: Vec<i32>,
-    lost: Vec<i32>,
-) -> Result<(), Option<PipelineError>> {
-    if gained.is_empty() && lost.is_empty() {
-        return Ok(());
-    }
-    let (reply, done) = tokio::sync::oneshot::channel();
-    tx.send(WorkItem::Ownership {
-        gained,
-        lost,
-        reply,
-    })
-    .await
-    .map_err(|()| None)?;
-    match done.await {
-        Ok(r) => r.map_err(Some),
-        Err(_) => Err(None),
     }
 }
 
