@@ -32,7 +32,7 @@ use crate::dlq::{DeadLetterQueue, DlqError};
 use crate::fault;
 use crate::metrics::METRICS;
 use crate::record::{DeadLetter, Record};
-use crate::sink::clickhouse::writer::{dedup_token, ClickHouseSink, SinkError};
+use crate::sink::clickhouse::writer::{dedup_token, ClickHouseSink, EncodedTable, SinkError};
 use crate::source::kafka::{Committer, KafkaSource, Ownership, RebalanceEvent, SourceError};
 use crate::stage::{BatchContext, PartitionKey, Stage, StageError};
 use crate::state::changelog::{Changelog, ChangelogError};
@@ -722,6 +722,67 @@ struct Worker {
 /// the WASM stage's calls are this size too.
 const SUB_BATCH: usize = crate::stage::wasm::MAX_RECORDS_PER_CALL;
 
+/// A slice of a batch after the stages: its rows, the stages' dead letters, and how many of
+/// the batch's records were not encoded yet when it was cut (its own included).
+struct Staged {
+    rows: Vec<Record>,
+    dead: Vec<DeadLetter>,
+    remaining: usize,
+}
+
+/// Encodes the slices `next_slice` produces, inline or, with `overlap`, on a second thread
+/// while the stages produce the next slice. Either way the dead letters come in the order of
+/// the inline loop: per slice, the stages' then the encoder's.
+fn encode_slices(
+    sink: &ClickHouseSink,
+    overlap: bool,
+    mut next_slice: impl FnMut() -> Result<Option<Staged>, PipelineError>,
+) -> Result<(BTreeMap<String, EncodedTable>, Vec<DeadLetter>), PipelineError> {
+    let mut tables = BTreeMap::new();
+    let mut dead = Vec::new();
+    if !overlap {
+        while let Some(s) = next_slice()? {
+            dead.extend(s.dead);
+            sink.encode_into(s.rows, &mut dead, &mut tables, s.remaining);
+        }
+        return Ok((tables, dead));
+    }
+    let mut stage_dead: Vec<Vec<DeadLetter>> = Vec::new();
+    let (tables, encoder_dead) = std::thread::scope(|scope| {
+        // One slice in the channel: the stages run at most one slice ahead of the encoder.
+        let (to_encoder, slices) = std::sync::mpsc::sync_channel::<(Vec<Record>, usize)>(1);
+        let encoder = scope.spawn(move || {
+            let mut tables = BTreeMap::new();
+            let mut dead = Vec::new();
+            for (rows, remaining) in slices {
+                let mut d = Vec::new();
+                sink.encode_into(rows, &mut d, &mut tables, remaining);
+                dead.push(d);
+            }
+            (tables, dead)
+        });
+        let staged = (|| {
+            while let Some(s) = next_slice()? {
+                stage_dead.push(s.dead);
+                if to_encoder.send((s.rows, s.remaining)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(to_encoder);
+        let encoded = encoder
+            .join()
+            .map_err(|_| PipelineError::Worker("the encoder thread panicked".into()));
+        staged.and(encoded)
+    })?;
+    for (s, e) in stage_dead.into_iter().zip(encoder_dead) {
+        dead.extend(s);
+        dead.extend(e);
+    }
+    Ok((tables, dead))
+}
+
 /// How long an offset commit is retried before the run gives up on it.
 const COMMIT_PATIENCE: Duration = Duration::from_secs(300);
 
@@ -757,13 +818,23 @@ impl Worker {
     ) -> Result<(), PipelineError> {
         loop {
             // Control first: a swap requested while a batch was running applies to the next.
-            let item = tokio::select! {
-                biased;
-                Some(c) = control.recv() => {
-                    self.control(c);
-                    continue;
-                }
-                item = rx.recv() => item,
+            if let Ok(c) = control.try_recv() {
+                self.control(c);
+                continue;
+            }
+            // A batch already waiting means the worker is behind (a backlog); one it had to
+            // wait for means it keeps up, and has time to spare for that batch (see `process`).
+            let (item, waited) = match rx.try_recv() {
+                Ok(item) => (Some(item), false),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                    biased;
+                    Some(c) = control.recv() => {
+                        self.control(c);
+                        continue;
+                    }
+                    item = rx.recv() => (item, true),
+                },
             };
             let Some(item) = item else { break };
             match item {
@@ -776,7 +847,7 @@ impl Worker {
                                 b.first, b.last, b.partition
                             )));
                         }
-                        self.process(b, journal).await?;
+                        self.process(b, journal, waited).await?;
                         crate::memory::release_freed();
                     }
                 }
@@ -960,10 +1031,17 @@ impl Worker {
 
     /// Steps 1 and 2: run the stages, encode, and fix the batch in the journal (`journal`: the
     /// partition's entry as read before the batch; nothing else writes it meanwhile).
+    ///
+    /// `overlap`: the worker keeps up (it waited for this batch), so what counts is how soon
+    /// the rows are visible, and the machine has time to spare: the batch's encoding then
+    /// runs on a second thread beside its stages. Behind (a backlog), the batch is encoded
+    /// inline: there the overlap costs CPU (hand-offs, memory freed on another thread) for
+    /// no gain, the next batch waiting anyway (docs/benchmarks.md, fifteenth round).
     async fn process(
         &self,
         batch: SealedBatch,
         journal: PartitionJournal,
+        overlap: bool,
     ) -> Result<(), PipelineError> {
         let pk = batch.partition.clone();
         let (first, last) = (batch.first, batch.last);
@@ -997,18 +1075,18 @@ impl Worker {
                 .lock()
                 .map_err(|_| PipelineError::Worker("a stage panicked earlier".into()))?;
             let mut txn = state.txn();
-            let mut dead: Vec<DeadLetter> = Vec::new();
             let start = side_stage.unwrap_or(0);
             // The batch goes through the stages and the encoder in slices of SUB_BATCH
             // records (same context and transaction, in order): a slice's stage outputs are
-            // encoded and freed before the next slice is read, so the batch's rows exist at
+            // encoded and freed before the next slices are read, so the batch's rows exist at
             // once only as consumed messages and as RowBinary, not also as every stage's
-            // output (docs/benchmarks.md, ninth round).
-            let mut tables = BTreeMap::new();
+            // output (docs/benchmarks.md, ninth round). With `overlap` and more than one
+            // slice, a second thread encodes slice n while the stages run slice n + 1.
             let mut spent = vec![Duration::ZERO; stages.len()];
             let started = Instant::now();
+            let total = records.len();
             let mut consumed = records.into_iter();
-            loop {
+            let next_slice = || {
                 // Records of the batch not encoded yet, this slice's included.
                 let remaining = consumed.len();
                 let mut records: Vec<Record> = consumed
@@ -1017,8 +1095,9 @@ impl Worker {
                     .map(|o| Record::from_origin(Arc::new(o)))
                     .collect();
                 if records.is_empty() {
-                    break;
+                    return Ok(None);
                 }
+                let mut dead = Vec::new();
                 for (i, stage) in stages.iter_mut().enumerate().skip(start) {
                     let started = Instant::now();
                     let out = if Some(i) == side_stage {
@@ -1043,8 +1122,14 @@ impl Worker {
                         }
                     }
                 }
-                sink.encode_into(records, &mut dead, &mut tables, remaining);
-            }
+                Ok(Some(Staged {
+                    rows: records,
+                    dead,
+                    remaining,
+                }))
+            };
+            let (tables, dead) =
+                encode_slices(&sink, overlap && total > SUB_BATCH, next_slice)?;
             for (i, stage) in stages.iter().enumerate().skip(start) {
                 METRICS
                     .stage_seconds
@@ -1368,5 +1453,74 @@ mod tests {
         };
         assert!(overlap(&in_flight, 50).is_some_and(|w| w.contains("50-99")));
         assert!(overlap(&in_flight, 99).is_some());
+    }
+
+    /// Three slices of rows, some of which the table rejects, and a dead letter from the
+    /// stages in each: the overlapped encoder gives the same bytes and the same dead letters,
+    /// in the same order, as the inline one.
+    #[test]
+    fn overlapped_encoding_matches_inline_encoding() {
+        use crate::sink::clickhouse::types::TableSchema;
+        use crate::stage::dedup::tests::record;
+        let cfg: crate::config::ClickHouseConfig =
+            serde_yaml_ng::from_str("url: http://127.0.0.1:1\ntable: t\n").unwrap();
+        let schema = TableSchema::from_columns(
+            "default",
+            "t",
+            [("id", "UInt64", ""), ("name", "String", "")],
+        )
+        .unwrap();
+        let sink = ClickHouseSink::with_schemas(ClickHouseSink::client(&cfg), &cfg, vec![schema]);
+        let slices = || {
+            let mut offset = 0;
+            (0..3)
+                .map(|n| {
+                    let rows: Vec<Record> = (0..4)
+                        .map(|i| {
+                            offset += 1;
+                            let id = if i == 2 {
+                                serde_json::json!("not a number")
+                            } else {
+                                serde_json::json!(offset)
+                            };
+                            record("tx", 0, offset, serde_json::json!({"id": id, "name": "x"}))
+                        })
+                        .collect();
+                    let dead = vec![DeadLetter {
+                        origin: rows[0].origin.clone(),
+                        stage: format!("stage-{n}"),
+                        plugin: None,
+                        kind: "schema".into(),
+                        message: String::new(),
+                    }];
+                    Staged {
+                        rows,
+                        dead,
+                        remaining: 12 - 4 * n,
+                    }
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let run = |overlap| {
+            let mut it = slices();
+            let (tables, dead) = encode_slices(&sink, overlap, || Ok(it.next())).unwrap();
+            let tables: Vec<(String, usize, Vec<u8>)> = tables
+                .into_iter()
+                .map(|(t, e)| (t, e.rows, e.data))
+                .collect();
+            let dead: Vec<(i64, String)> = dead
+                .into_iter()
+                .map(|d| (d.origin.offset, d.stage))
+                .collect();
+            (tables, dead)
+        };
+        let inline = run(false);
+        assert_eq!(inline.0.len(), 1);
+        assert_eq!(inline.0[0].1, 9);
+        assert_eq!(inline.1.len(), 6);
+        assert_eq!(inline.1[0], (1, "stage-0".to_string()));
+        assert_eq!(inline.1[1], (3, "sink".to_string()));
+        assert_eq!(run(true), inline);
     }
 }

@@ -96,29 +96,40 @@ impl ClickHouseSink {
                 url: cfg.url.clone(),
                 message: e.to_string(),
             })?;
-        let mut tables = HashMap::new();
-        let names = std::iter::once(&cfg.table).chain(cfg.extra_tables.iter());
-        for t in names {
-            let schema = load_schema(&client, &cfg.database, t).await?;
-            let encoder = RowEncoder::new(&schema, unknown_policy(cfg.unknown_fields));
-            // Built from the same schema as the encoder, so column order matches byte layout.
-            let insert_sql = schema.insert_sql();
-            tables.insert(
-                t.clone(),
-                TableWriter {
+        let mut schemas = Vec::new();
+        for t in std::iter::once(&cfg.table).chain(cfg.extra_tables.iter()) {
+            schemas.push(load_schema(&client, &cfg.database, t).await?);
+        }
+        Ok(Self::with_schemas(client, cfg, schemas))
+    }
+
+    /// A sink for tables whose schemas are known (the first is `cfg.table`'s).
+    pub fn with_schemas(
+        client: clickhouse::Client,
+        cfg: &ClickHouseConfig,
+        schemas: Vec<TableSchema>,
+    ) -> Self {
+        let tables = schemas
+            .into_iter()
+            .map(|schema| {
+                let encoder = RowEncoder::new(&schema, unknown_policy(cfg.unknown_fields));
+                // Built from the same schema as the encoder, so column order matches byte layout.
+                let insert_sql = schema.insert_sql();
+                let writer = TableWriter {
                     schema,
                     encoder,
                     insert_sql,
-                },
-            );
-        }
-        Ok(Self {
+                };
+                (writer.schema.table.clone(), writer)
+            })
+            .collect();
+        Self {
             client,
             url: cfg.url.clone(),
             database: cfg.database.clone(),
             default_table: cfg.table.clone(),
             tables,
-        })
+        }
     }
 
     pub fn url(&self) -> &str {
