@@ -15,6 +15,11 @@
 //! dropped while a partner that is not late could still arrive, so the emitted rows do not
 //! depend on how the engine interleaves left and right batches.
 //!
+//! A record that arrives already past that point (the other side's watermark far ahead, as
+//! when a side topic's backlog is read before the pipeline topic's) pairs with what is
+//! buffered and is emitted or dropped at once: buffering it would only write state that the
+//! same call's sweep deletes again.
+//!
 //! State, per stage and partition number:
 //! - `L` + key + time + position → the left record (see [`super::codec`]);
 //! - `R` + key + time + position → the right record's JSON;
@@ -139,6 +144,10 @@ fn time_range(side: Side, key: &[u8], lo: i64, hi: i64) -> (Vec<u8>, Vec<u8>) {
 /// A record that passed the lateness check, with what the join reads from it.
 struct Arrival<'a> {
     record: &'a Record,
+    /// No record of the other side still to come can pair with it (see
+    /// [`IntervalJoinStage::closed_on_arrival`]): it pairs with what is buffered, and is
+    /// not buffered itself.
+    closed: bool,
     /// `None`: the value is not a JSON object (a right record under `nest` may be anything).
     fields: Option<Fields>,
     key: Vec<u8>,
@@ -264,11 +273,14 @@ impl Marks {
         }
     }
 
-    /// Records a new record of `side` at `ts` (buffered, so the sweep must reach it).
-    fn add(&mut self, side: Side, ts: i64) {
+    /// Records a new record of `side` at `ts`; `buffered`: it is kept, so the sweep must
+    /// reach it.
+    fn add(&mut self, side: Side, ts: i64, buffered: bool) {
         let i = side as usize;
         self.watermark[i] = Some(self.watermark[i].map_or(ts, |w| w.max(ts)));
-        self.cursor[i] = Some(self.cursor[i].map_or(ts, |c| c.min(ts)));
+        if buffered {
+            self.cursor[i] = Some(self.cursor[i].map_or(ts, |c| c.min(ts)));
+        }
     }
 }
 
@@ -400,7 +412,8 @@ impl IntervalJoinStage {
             if or_dead_letter(late, &mut out, &self.name, r).is_none() {
                 continue;
             }
-            marks.add(side, ts);
+            let closed = self.closed_on_arrival(side, ts, &marks);
+            marks.add(side, ts, !closed);
             let seq = seqs.entry(r.origin.offset).or_insert(0);
             let pos = position(r, *seq);
             *seq += 1;
@@ -413,6 +426,7 @@ impl IntervalJoinStage {
                 .or_insert((ts, ts));
             arrivals.push(Arrival {
                 record: r,
+                closed,
                 fields,
                 key,
                 ts,
@@ -428,7 +442,7 @@ impl IntervalJoinStage {
                 keys: HashMap::with_capacity(spans.len()),
             };
         }
-        let mut matches = 0u64;
+        let (mut matches, mut unmatched) = (0u64, 0u64);
         let result = arrivals.iter().try_for_each(|a| {
             let (lo, hi) = spans.get(&a.key).copied().unwrap_or((a.ts, a.ts));
             let (from, to) = (self.window(side, lo).0, self.window(side, hi).1);
@@ -440,7 +454,10 @@ impl IntervalJoinStage {
                 return Ok(());
             };
             // A later record can reach past what was read: read only the missing times (the
-            // lists stay in time order).
+            // lists stay in time order). Ahead, read at least as far again as read so far:
+            // as a batch's slices move on in event time, each would otherwise extend every
+            // key's list by one range read (a seek) per slice; this way a key takes a few
+            // reads per transaction. Partners read beyond every window are never paired.
             if from < *read_from {
                 let mut head = self.partners(st, side, &a.key, from, *read_from - 1)?;
                 head.append(list);
@@ -448,21 +465,30 @@ impl IntervalJoinStage {
                 *read_from = from;
             }
             if to > *read_to {
-                list.extend(self.partners(st, side, &a.key, *read_to + 1, to)?);
-                *read_to = to;
+                let span = read_to.saturating_sub(*read_from);
+                let until = to.max(read_to.saturating_add(span));
+                list.extend(self.partners(st, side, &a.key, *read_to + 1, until)?);
+                *read_to = until;
             }
-            matches += match side {
+            let n = match side {
                 Side::Left => self.pair_left(st, &mut out, a, list)?,
                 Side::Right => self.pair_right(st, &mut out, a, list)?,
             };
+            matches += n;
+            if a.closed && n == 0 && side == Side::Left && self.cfg.mode == JoinMode::LeftOuter {
+                // What the sweep would emit at the end of this call, without buffering it.
+                self.emit(&mut out, a.record, a.fields.as_ref(), None);
+                unmatched += 1;
+            }
             Ok::<_, StateError>(())
         });
         self.partners = cache;
         result?;
         let budget = (batch.len() * 2).max(10_000);
-        self.expire(st, &mut marks, &mut out, budget)?;
+        unmatched += self.expire(st, &mut marks, &mut out, budget)?;
         marks.store(st);
         out.counters.push(("join_matches", matches));
+        out.counters.push(("join_unmatched", unmatched));
         Ok(out)
     }
 
@@ -474,6 +500,27 @@ impl IntervalJoinStage {
             Side::Right => (self.after, self.before),
         };
         (ts.saturating_sub(back), ts.saturating_add(ahead))
+    }
+
+    /// Buffered records of `side` with event times below this can pair with no record of the
+    /// other side still to come: a right pairs with lefts up to `right.ts + before`, a left
+    /// with rights up to `left.ts + after`, and records of the other side still to come are
+    /// at least at its watermark minus the lateness.
+    fn cutoff(&self, side: Side, marks: &Marks) -> Option<i64> {
+        let reach = match side {
+            Side::Right => self.before,
+            Side::Left => self.after,
+        };
+        marks.watermark[side.other() as usize]
+            .map(|w| w.saturating_sub(self.lateness).saturating_sub(reach))
+    }
+
+    /// Whether a record of `side` at `ts` would expire at the end of the call it arrives in:
+    /// then it is not buffered at all (its buffering, sweep and deletion are writes to state
+    /// that cancel out). Happens when one side is far ahead of the other, as when a side
+    /// topic's backlog is read before the pipeline topic's.
+    fn closed_on_arrival(&self, side: Side, ts: i64, marks: &Marks) -> bool {
+        self.cutoff(side, marks).is_some_and(|c| ts < c)
     }
 
     /// The buffered records of the other side of `key` (records of `side` pair with them)
@@ -519,14 +566,16 @@ impl IntervalJoinStage {
             self.emit(out, a.record, a.fields.as_ref(), Some(right));
             n += 1;
         }
-        st.put_owned(
-            data_key(Side::Left.data(), &a.key, a.ts, &a.pos),
-            codec::encode(a.record),
-        );
-        st.put_owned(
-            index_key(Side::Left.index(), a.ts, &a.key, &a.pos),
-            vec![u8::from(n > 0)],
-        );
+        if !a.closed {
+            st.put_owned(
+                data_key(Side::Left.data(), &a.key, a.ts, &a.pos),
+                codec::encode(a.record),
+            );
+            st.put_owned(
+                index_key(Side::Left.index(), a.ts, &a.key, &a.pos),
+                vec![u8::from(n > 0)],
+            );
+        }
         Ok(n)
     }
 
@@ -555,14 +604,16 @@ impl IntervalJoinStage {
             }
             n += 1;
         }
-        st.put(
-            &data_key(Side::Right.data(), &a.key, a.ts, &a.pos),
-            &a.record.value,
-        );
-        st.put_owned(
-            index_key(Side::Right.index(), a.ts, &a.key, &a.pos),
-            Vec::new(),
-        );
+        if !a.closed {
+            st.put(
+                &data_key(Side::Right.data(), &a.key, a.ts, &a.pos),
+                &a.record.value,
+            );
+            st.put_owned(
+                index_key(Side::Right.index(), a.ts, &a.key, &a.pos),
+                Vec::new(),
+            );
+        }
         Ok(n)
     }
 
@@ -572,25 +623,17 @@ impl IntervalJoinStage {
     }
 
     /// Drops buffered records no future (non-late) record can pair with; emits unmatched left
-    /// records for `left_outer`.
+    /// records for `left_outer` and returns how many.
     fn expire(
         &mut self,
         st: &mut StageState<'_, '_>,
         marks: &mut Marks,
         out: &mut StageOutput,
         budget: usize,
-    ) -> Result<(), StateError> {
+    ) -> Result<u64, StateError> {
         let mut unmatched = 0u64;
         for side in [Side::Right, Side::Left] {
-            // A right pairs with lefts up to right.ts + before, a left with rights up to
-            // left.ts + after; records of the other side still to come are at least at its
-            // watermark minus the lateness.
-            let reach = match side {
-                Side::Right => self.before,
-                Side::Left => self.after,
-            };
-            let cutoff = marks.watermark[side.other() as usize]
-                .map(|w| w.saturating_sub(self.lateness).saturating_sub(reach));
+            let cutoff = self.cutoff(side, marks);
             let i = side as usize;
             let Some((c, cutoff)) = marks.cursor[i].zip(cutoff).filter(|(c, k)| c < k) else {
                 continue;
@@ -623,8 +666,7 @@ impl IntervalJoinStage {
             }
             marks.cursor[i] = Some(next);
         }
-        out.counters.push(("join_unmatched", unmatched));
-        Ok(())
+        Ok(unmatched)
     }
 }
 
@@ -931,6 +973,108 @@ mod tests {
         assert_eq!(st.scan_prefix(b"R").unwrap().len(), 1);
         assert_eq!(st.scan_prefix(b"Y").unwrap().len(), 1);
         assert_eq!(st.scan_prefix(b"L").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn records_closed_on_arrival_pair_with_the_buffer_and_are_not_kept() {
+        // One side far ahead of the other (a side topic's backlog read first): a record of the
+        // side behind pairs with what is buffered and, since nothing still to come can pair
+        // with it, is emitted at once (unmatched lefts included) and never written to state.
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("mode: left_outer\nallowed_lateness: 1m\nnest: user\n");
+        let keys = |tag: &[u8]| {
+            let mut txn = store.txn();
+            let n = txn.stage("join", 0).scan_prefix(tag).unwrap().len();
+            n
+        };
+        run_batch(
+            &store,
+            &mut s,
+            true,
+            vec![user(0, 1, 10 * MIN, "ann"), user(1, 9, 200 * MIN, "zoe")],
+        );
+        // Right watermark 200m: lefts below 200m - 1m - 5m close on arrival.
+        let (out, written) = run_batch_writes(
+            &store,
+            &mut s,
+            false,
+            vec![
+                tx(0, "a", 1, 12 * MIN),
+                tx(1, "b", 2, 12 * MIN),
+                tx(2, "c", 9, 198 * MIN),
+            ],
+        );
+        // Of the lefts, the batch writes "c" (data and index); nothing of "a" and "b", not
+        // even a deletion.
+        let lefts: Vec<_> = written
+            .into_iter()
+            .filter(|(tag, _)| matches!(tag, b'L' | b'X'))
+            .collect();
+        assert_eq!(lefts, [(b'L', true), (b'X', true)]);
+        // Emitted as they arrive: the unmatched "b" does not wait for the end of the batch.
+        let ids: Vec<String> = rows(&out)
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        let expect = |v: &[(&str, &str)]| -> BTreeSet<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            pairs(&out),
+            expect(&[("a", "ann"), ("b", "-"), ("c", "zoe")])
+        );
+        assert_eq!(counter(&out, "join_unmatched"), 1);
+        assert_eq!(counter(&out, "join_matches"), 2);
+        // Only "c" is buffered (it may still meet a right up to 203m).
+        assert_eq!((keys(b"L"), keys(b"X")), (1, 1));
+
+        // The other way round: lefts buffered up to 100m (no right watermark yet), then a
+        // right at 12m, below 100m - 1m - 5m: it pairs with the left at 10m and is not kept.
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("allowed_lateness: 1m\nnest: user\n");
+        run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![tx(0, "e", 5, 10 * MIN), tx(1, "f", 6, 100 * MIN)],
+        );
+        let (out, written) =
+            run_batch_writes(&store, &mut s, true, vec![user(0, 5, 12 * MIN, "eve")]);
+        assert_eq!(pairs(&out), expect(&[("e", "eve")]));
+        assert!(
+            !written.iter().any(|(tag, _)| matches!(tag, b'R' | b'Y')),
+            "{written:?}"
+        );
+    }
+
+    /// [`run_batch`], also returning the batch's writes to state: each key's tag and whether
+    /// it is a put (`false`: a deletion).
+    fn run_batch_writes(
+        store: &StateStore,
+        stage: &mut IntervalJoinStage,
+        side: bool,
+        batch: Vec<Record>,
+    ) -> (StageOutput, Vec<(u8, bool)>) {
+        let c = ctx(&batch[0].origin.topic, 0);
+        let mut txn = store.txn();
+        let out = if side {
+            stage.process_side(batch, &c, &mut txn).unwrap()
+        } else {
+            stage.process(batch, &c, &mut txn).unwrap()
+        };
+        // Keys are relative to the stage's namespace: its name, a zero byte, the partition.
+        let ns = "join".len() + 5;
+        let written = txn.writes().map(|(k, v)| (k[ns], v.is_some())).collect();
+        store
+            .begin_batch(&c.partition, 0, 0, txn, &crate::state::Outbox::default())
+            .unwrap();
+        store.complete_batch(&c.partition, 0).unwrap();
+        (out, written)
     }
 
     #[test]
