@@ -1,10 +1,14 @@
 //! The dedup stage: keeps the first record per key within a time window and drops the rest.
 //!
 //! State in RocksDB, per stage and partition:
-//! - `K` + key → where and when the key was first seen (event time, topic, partition, offset);
-//! - `T` + time + key → nothing: the time index, swept oldest first as the watermark moves;
+//! - `T` + time + key → where and when the key was first seen (event time, topic, partition,
+//!   offset): one entry per key, in time order, swept oldest first as the watermark moves;
 //! - `W` → the watermark: the largest event time seen on the partition;
-//! - `C` → the sweep cursor: no index entry is older than it.
+//! - `C` → the sweep cursor: no entry is older than it.
+//!
+//! State written by earlier versions has a second entry per key, `K` + key → where and when,
+//! with an empty `T` entry; such keys are read, looked up and swept as before, and new keys get
+//! the one entry (half the writes per key).
 //!
 //! A key is live while its first sighting is at most `window` older than the watermark; an
 //! expired key counts as absent (and is deleted when looked up), so the answer never depends on
@@ -96,7 +100,7 @@ impl<'a> FirstSeen<'a> {
     }
 }
 
-/// `K` + key: the state key of a dedup key (the key itself is `entry[1..]`).
+/// `K` + key: the entry of a key in the layout of earlier versions (the key is `entry[1..]`).
 fn key_entry(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + key.len());
     k.push(KEY);
@@ -159,9 +163,19 @@ impl DedupStage {
         if let Entry::Vacant(slot) = indexes.entry(partition) {
             let started = Instant::now();
             let mut index = PartitionIndex::default();
+            // Keys of earlier versions' layout, then the time index entries that carry their
+            // key's first sighting (empty ones belong to a `K` entry).
             st.for_each_committed(&[KEY], |k, v| {
                 let seen = FirstSeen::decode(v).ok_or_else(|| self.corrupt())?;
                 index.insert(self.hashes.key(&k[1..]), seen.tag());
+                Ok(())
+            })?;
+            st.for_each_committed(&[INDEX], |k, v| {
+                if !v.is_empty() {
+                    let seen = FirstSeen::decode(v).ok_or_else(|| self.corrupt())?;
+                    let key = k.get(9..).ok_or_else(|| self.corrupt())?;
+                    index.insert(self.hashes.key(key), seen.tag());
+                }
                 Ok(())
             })?;
             tracing::info!(
@@ -251,7 +265,12 @@ impl DedupStage {
             if known.is_some_and(|seen| seen.ts() >= oldest_live && seen.at() == tag_of(&r)) {
                 // Perhaps this very record read again (a rewound partition): the stored
                 // position decides. Absent means the fingerprint was another key's.
-                match st.get(&key_entry(&key))? {
+                let stored = match known.map(|seen| st.get(&index_entry(seen.ts(), &key))) {
+                    Some(Ok(Some(v))) if v.is_empty() => st.get(&key_entry(&key))?,
+                    Some(found) => found?,
+                    None => None,
+                };
+                match stored {
                     Some(v) => {
                         let seen = FirstSeen::decode(&v).ok_or_else(|| self.corrupt())?;
                         // Its own first occurrence: delivered already if the partition was
@@ -272,12 +291,13 @@ impl DedupStage {
                     duplicates += 1;
                     continue;
                 }
+                // Expired but not swept yet: replaced (with its `K` entry, if it has one).
                 st.delete(&index_entry(seen.ts(), &key));
+                st.delete(&key_entry(&key));
                 expired += 1;
             }
             let first = FirstSeen::of(&r, ts);
-            st.put_owned(key_entry(&key), first.encode());
-            st.put_owned(index_entry(ts, &key), Vec::new());
+            st.put_owned(index_entry(ts, &key), first.encode());
             fresh.insert(fp, first.tag());
             cursor = Some(cursor.map_or(ts, |c| c.min(ts)));
             out.records.push(r);
@@ -295,7 +315,9 @@ impl DedupStage {
                 let (entries, next) = self.sweeper.expired(st, INDEX, c, cutoff, budget)?;
                 for e in entries {
                     st.delete(&index_entry(e.ts, &e.rest));
-                    st.delete(&key_entry(&e.rest));
+                    if e.value.is_empty() {
+                        st.delete(&key_entry(&e.rest));
+                    }
                     changes.removed.push(self.hashes.key(&e.rest));
                     expired += 1;
                 }
@@ -627,13 +649,65 @@ pub(crate) mod tests {
         // may remain, plus whatever the sweep of the last batch had not reached yet.
         let mut txn = store.txn();
         let st = txn.stage("dedup", 0);
-        let keys = st.scan_prefix(b"K").unwrap().len();
-        let index = st.scan_prefix(b"T").unwrap().len();
-        assert_eq!(keys, index);
+        // One entry per key, in the time index.
+        assert!(st.scan_prefix(b"K").unwrap().is_empty());
+        let keys = st.scan_prefix(b"T").unwrap().len();
         assert!(keys <= 101, "{keys} keys left");
         assert!(keys >= 100, "{keys} keys left");
         // The sweep removed the expired keys from memory too.
         assert_eq!(index_len(&s, 0), keys);
+    }
+
+    #[test]
+    fn state_of_the_two_entry_layout_is_read_looked_up_and_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut s = stage("key: /id\nwindow: 1h\ntime: {field: /ts}\n");
+        let first = record("t", 0, 0, ev("a", BASE));
+        run_batch(&store, &mut s, false, vec![first.clone()]);
+        // Rewrite the state as earlier versions wrote it: `K` + key → first sighting, and an
+        // empty time index entry.
+        {
+            let mut txn = store.txn();
+            let mut st = txn.stage("dedup", 0);
+            let entries = st.scan_prefix(b"T").unwrap();
+            assert_eq!(entries.len(), 1);
+            for (k, v) in entries {
+                st.put(&key_entry(&k[9..]), &v);
+                st.put(&k, &[]);
+            }
+            let c = ctx("t", 0);
+            store
+                .begin_batch(&c.partition, 0, 0, txn, &crate::state::Outbox::default())
+                .unwrap();
+            store.complete_batch(&c.partition, 0).unwrap();
+        }
+        // A new stage loads its index from that state: "a" is a duplicate elsewhere, and its
+        // own first record read again passes (the position is read from the `K` entry).
+        let mut s = stage("key: /id\nwindow: 1h\ntime: {field: /ts}\n");
+        let out = run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![
+                record("t", 0, 5, ev("a", BASE)),
+                record("t", 0, 6, ev("b", BASE)),
+            ],
+        );
+        assert_eq!(ids(&out), ["b"]);
+        assert_eq!(ids(&run_batch(&store, &mut s, false, vec![first])), ["a"]);
+        // Two hours on, the sweep removes both entries of "a" and the one of "b".
+        run_batch(
+            &store,
+            &mut s,
+            false,
+            vec![record("t", 0, 7, ev("c", BASE + 2 * 3_600_000))],
+        );
+        let mut txn = store.txn();
+        let st = txn.stage("dedup", 0);
+        assert!(st.scan_prefix(b"K").unwrap().is_empty());
+        assert_eq!(st.scan_prefix(b"T").unwrap().len(), 1);
+        assert_eq!(index_len(&s, 0), 1);
     }
 
     fn index_len(s: &DedupStage, partition: i32) -> usize {
