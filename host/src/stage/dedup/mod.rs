@@ -453,6 +453,17 @@ pub(crate) mod tests {
         side: bool,
         batch: Vec<Record>,
     ) -> StageOutput {
+        run_batch_inspecting(store, stage, side, batch, |_| {})
+    }
+
+    /// [`run_batch`], handing the batch's transaction to `inspect` before it is written.
+    pub(crate) fn run_batch_inspecting(
+        store: &StateStore,
+        stage: &mut dyn Stage,
+        side: bool,
+        batch: Vec<Record>,
+        inspect: impl FnOnce(&StateTxn<'_>),
+    ) -> StageOutput {
         let (topic, partition) = batch
             .first()
             .map(|r| (r.origin.topic.to_string(), r.origin.partition))
@@ -464,6 +475,7 @@ pub(crate) mod tests {
         } else {
             stage.process(batch, &c, &mut txn).unwrap()
         };
+        inspect(&txn);
         store
             .begin_batch(&c.partition, 0, 0, txn, &Outbox::default())
             .unwrap();

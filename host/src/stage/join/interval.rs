@@ -710,7 +710,7 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::stage::dedup::tests::{counter, ctx, record, run_batch};
+    use crate::stage::dedup::tests::{counter, ctx, record, run_batch, run_batch_inspecting};
     use crate::stage::join::JoinConfig;
     use crate::state::StateStore;
 
@@ -742,6 +742,21 @@ mod tests {
         out.records
             .iter()
             .map(|r| serde_json::from_slice(&r.value).unwrap())
+            .collect()
+    }
+
+    /// `(left id, right name)` pairs, as [`pairs`] gives them.
+    fn expect(v: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    /// The `id` of each output row, in output order.
+    fn ids(out: &StageOutput) -> Vec<String> {
+        rows(out)
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
             .collect()
     }
 
@@ -786,21 +801,12 @@ mod tests {
                 tx(3, "d", 1, 34 * MIN),
             ],
         );
-        let expect = |v: &[(&str, &str)]| -> BTreeSet<(String, String)> {
-            v.iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect()
-        };
         assert_eq!(
             pairs(&out),
             expect(&[("a", "early"), ("c", "late"), ("d", "late")])
         );
         // Emitted in the batch's order.
-        let ids: Vec<String> = rows(&out)
-            .iter()
-            .map(|v| v["id"].as_str().unwrap().to_string())
-            .collect();
-        assert_eq!(ids, ["a", "c", "d"]);
+        assert_eq!(ids(&out), ["a", "c", "d"]);
         // Rights of one key in one batch, each with its own window over the buffered lefts.
         let out = run_batch(
             &store,
@@ -852,11 +858,6 @@ mod tests {
         let other = s
             .process(vec![tx(0, "x", 1, 12 * MIN)], &ctx("tx", 1), &mut txn)
             .unwrap();
-        let expect = |v: &[(&str, &str)]| -> BTreeSet<(String, String)> {
-            v.iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect()
-        };
         assert_eq!(pairs(&first), expect(&[("a", "early")]));
         assert_eq!(pairs(&second), expect(&[("c", "late")]));
         assert_eq!(pairs(&third), expect(&[("e", "early"), ("e", "earliest")]));
@@ -1013,16 +1014,7 @@ mod tests {
             .collect();
         assert_eq!(lefts, [(b'L', true), (b'X', true)]);
         // Emitted as they arrive: the unmatched "b" does not wait for the end of the batch.
-        let ids: Vec<String> = rows(&out)
-            .iter()
-            .map(|v| v["id"].as_str().unwrap().to_string())
-            .collect();
-        assert_eq!(ids, ["a", "b", "c"]);
-        let expect = |v: &[(&str, &str)]| -> BTreeSet<(String, String)> {
-            v.iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect()
-        };
+        assert_eq!(ids(&out), ["a", "b", "c"]);
         assert_eq!(
             pairs(&out),
             expect(&[("a", "ann"), ("b", "-"), ("c", "zoe")])
@@ -1060,20 +1052,12 @@ mod tests {
         side: bool,
         batch: Vec<Record>,
     ) -> (StageOutput, Vec<(u8, bool)>) {
-        let c = ctx(&batch[0].origin.topic, 0);
-        let mut txn = store.txn();
-        let out = if side {
-            stage.process_side(batch, &c, &mut txn).unwrap()
-        } else {
-            stage.process(batch, &c, &mut txn).unwrap()
-        };
         // Keys are relative to the stage's namespace: its name, a zero byte, the partition.
         let ns = "join".len() + 5;
-        let written = txn.writes().map(|(k, v)| (k[ns], v.is_some())).collect();
-        store
-            .begin_batch(&c.partition, 0, 0, txn, &crate::state::Outbox::default())
-            .unwrap();
-        store.complete_batch(&c.partition, 0).unwrap();
+        let mut written = Vec::new();
+        let out = run_batch_inspecting(store, stage, side, batch, |txn| {
+            written = txn.writes().map(|(k, v)| (k[ns], v.is_some())).collect();
+        });
         (out, written)
     }
 
