@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The demo, end to end, on this machine: installs what is missing, starts a local ClickHouse and
 # a Kafka-protocol broker, builds sluice and the reference plugin, creates the table, produces
-# 10,000 reference events (1 % malformed), runs the pipeline and prints what landed.
+# 10,000 reference events (1 % malformed), runs the pipeline and prints what landed. Then the
+# reference workload (demo/reference.yaml): 10,000 transactions with ~10 % repeated ids,
+# deduplicated, enriched and interval-joined with a stream of user profiles.
 #
 #   scripts/demo.sh                   # local services on ports 18123 (ClickHouse) / 19092 (Kafka)
 #   SLUICE_DEMO_EVENTS=100000 scripts/demo.sh
@@ -72,31 +74,37 @@ export SLUICE_DEMO_PLUGIN="$plugin" SLUICE_STATE_DIR="$run_dir/state"
 say "validating demo/pipeline.yaml"
 "$CARGO_TARGET_DIR/release/sluice" validate -c demo/pipeline.yaml
 
+# wait_rows TABLE EXPECTED LOG: until TABLE holds EXPECTED rows (sluice must stay up meanwhile).
+wait_rows() {
+    local table="$1" expected="$2" log="$3" n t0=$SECONDS
+    while :; do
+        n="$(query "SELECT count() FROM default.$table" 2>/dev/null || echo 0)"
+        printf '\r    rows in ClickHouse: %s / %s' "$n" "$expected"
+        if ((n >= expected)); then break; fi
+        if ! kill -0 "$sluice_pid" 2>/dev/null; then
+            echo
+            tail -40 "$log"
+            die "sluice exited early (log above: $log)"
+        fi
+        if ((SECONDS - t0 > 300)); then
+            echo
+            tail -40 "$log"
+            die "timed out waiting for rows"
+        fi
+        sleep 0.5
+    done
+    echo
+}
+
 say "running the pipeline"
 "$CARGO_TARGET_DIR/release/sluice" run -c demo/pipeline.yaml >"$run_dir/sluice.log" 2>&1 &
 sluice_pid=$!
 expected=$((EVENTS - EVENTS / 100))
-t0=$SECONDS
-while :; do
-    n="$(query "SELECT count() FROM default.transactions" 2>/dev/null || echo 0)"
-    printf '\r    rows in ClickHouse: %s / %s' "$n" "$expected"
-    if ((n >= expected)); then break; fi
-    if ! kill -0 "$sluice_pid" 2>/dev/null; then
-        echo
-        tail -40 "$run_dir/sluice.log"
-        die "sluice exited early (log above: $run_dir/sluice.log)"
-    fi
-    if ((SECONDS - t0 > 300)); then
-        echo
-        tail -40 "$run_dir/sluice.log"
-        die "timed out waiting for rows"
-    fi
-    sleep 0.5
-done
-echo
+wait_rows transactions "$expected" "$run_dir/sluice.log"
 say "stopping sluice (SIGTERM: flush and commit)"
 kill -TERM "$sluice_pid"
 wait "$sluice_pid"
+sluice_pid=
 grep -E "progress|stopped" "$run_dir/sluice.log" | tail -2 || true
 
 say "rows in ClickHouse"
@@ -104,4 +112,30 @@ query "SELECT id, user_id, amount, amount_cents, amount_bucket, currency, kind, 
 query "SELECT count() AS rows, uniqExact(id) AS distinct_ids, sum(amount) AS total, min(ts), max(ts) FROM default.transactions FORMAT PrettyCompactMonoBlock"
 query "SELECT amount_bucket, currency, count() AS n, sum(amount) AS total FROM default.transactions GROUP BY ALL ORDER BY ALL FORMAT PrettyCompactMonoBlock"
 dead=$((EVENTS / 100))
-say "done: $expected rows landed exactly once; the $dead malformed events went to the dead-letter topic '$topic-dlq' with their reasons (log: $run_dir/sluice.log)"
+say "$expected rows landed exactly once; the $dead malformed events went to the dead-letter topic '$topic-dlq' with their reasons (log: $run_dir/sluice.log)"
+
+say "the reference workload: dedup (24 h) -> enrich (WASM) -> interval join with users (±5 min) -> ClickHouse"
+query "DROP TABLE IF EXISTS default.transactions_joined SYNC"
+query "$("$CARGO_TARGET_DIR/release/sluice-workload" --reference-ddl transactions_joined)"
+produced="$("$CARGO_TARGET_DIR/release/sluice-workload" --brokers "$SLUICE_KAFKA_BROKERS" \
+    --topic ref-transactions --reference-users-topic ref-users --create-partitions 2 \
+    --count "$EVENTS")"
+echo "$produced"
+ref_expected="$(sed -n 's/^expected rows: \([0-9]*\) .*/\1/p' <<<"$produced")"
+ref_matched="$(sed -n 's/^expected rows: [0-9]* (\([0-9]*\) with a user)/\1/p' <<<"$produced")"
+[[ -n "$ref_expected" && -n "$ref_matched" ]] || die "sluice-workload did not print the expected rows"
+export SLUICE_STATE_DIR="$run_dir/state-reference"
+"$CARGO_TARGET_DIR/release/sluice" validate -c demo/reference.yaml
+"$CARGO_TARGET_DIR/release/sluice" run -c demo/reference.yaml >"$run_dir/sluice-reference.log" 2>&1 &
+sluice_pid=$!
+wait_rows transactions_joined "$ref_expected" "$run_dir/sluice-reference.log"
+kill -TERM "$sluice_pid"
+wait "$sluice_pid"
+sluice_pid=
+query "SELECT id, user_id, amount, ts, user_name, user_country FROM default.transactions_joined ORDER BY id LIMIT 5 FORMAT PrettyCompactMonoBlock"
+summary="$(query "SELECT count(), uniqExact(id), countIf(user_name IS NOT NULL) FROM default.transactions_joined FORMAT TSV")"
+read -r rows ids matched <<<"$summary"
+echo "    rows $rows, distinct ids $ids, with a user $matched (expected $ref_expected and $ref_matched)"
+((rows == ref_expected && ids == ref_expected && matched == ref_matched)) \
+    || die "the reference workload's rows are not what the workload expects"
+say "done: both pipelines landed exactly the expected rows (logs: $run_dir)"

@@ -1,6 +1,12 @@
 //! Produces the reference workload to Kafka (used by the demo and the benchmarks).
 //!
 //! `sluice-workload --brokers 127.0.0.1:19092 --topic transactions --count 10000 --malformed-every 100`
+//!
+//! With `--reference-users-topic users`: the reference workload of the full path instead
+//! (`sluice_tests::bench::full`): transactions with ~10 % repeated ids and timestamped user
+//! profiles, co-partitioned by user, plus one flush record per partition that closes every
+//! join window; prints the rows a correct pipeline writes. `--reference-ddl TABLE` prints the
+//! table it lands in and exits.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +18,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
+use sluice_tests::bench::events::BenchEvent;
+use sluice_tests::bench::full;
 use sluice_tests::workload::{transactions, users, Event, TransactionSpec};
 
 #[derive(Parser)]
@@ -37,6 +45,13 @@ struct Args {
     users_topic: Option<String>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Produce the full path's reference workload (dedup + interval join): transactions to
+    /// `--topic`, user profiles to this topic (both created with `--create-partitions`).
+    #[arg(long)]
+    reference_users_topic: Option<String>,
+    /// Print the ClickHouse table of the reference workload under this name, and exit.
+    #[arg(long)]
+    reference_ddl: Option<String>,
     /// Create the topic(s) with this many partitions first (existing topics are kept).
     #[arg(long)]
     create_partitions: Option<i32>,
@@ -57,18 +72,23 @@ async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()>
     Ok(())
 }
 
-async fn produce(p: &FutureProducer, topic: &str, events: &[Event]) -> Result<()> {
-    let mut pending = Vec::with_capacity(events.len());
-    for e in events {
-        let rec = FutureRecord::to(topic).key(&e.key).payload(&e.value);
+/// Produces `(key, value, partition)` records (`None`: the partitioner picks, by key), retrying
+/// while the producer's queue is full, and waits for every delivery.
+async fn produce<'e>(
+    p: &FutureProducer,
+    topic: &str,
+    records: impl IntoIterator<Item = (&'e str, &'e [u8], Option<i32>)>,
+) -> Result<()> {
+    let mut pending = Vec::new();
+    for (key, value, partition) in records {
+        let mut rec = FutureRecord::to(topic).key(key).payload(value);
+        if let Some(n) = partition {
+            rec = rec.partition(n);
+        }
         let mut rec = Some(rec);
-        loop {
-            let Some(r) = rec.take() else { break };
+        while let Some(r) = rec.take() {
             match p.send_result(r) {
-                Ok(f) => {
-                    pending.push(f);
-                    break;
-                }
+                Ok(f) => pending.push(f),
                 Err((_, r)) => {
                     rec = Some(r);
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -84,9 +104,23 @@ async fn produce(p: &FutureProducer, topic: &str, events: &[Event]) -> Result<()
     Ok(())
 }
 
+fn events(events: &[Event]) -> impl Iterator<Item = (&str, &[u8], Option<i32>)> {
+    events.iter().map(|e| (e.key.as_str(), &e.value[..], None))
+}
+
+fn bench_events(events: &[BenchEvent]) -> impl Iterator<Item = (&str, &[u8], Option<i32>)> {
+    events
+        .iter()
+        .map(|e| (e.key.as_str(), &e.value[..], e.partition))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
+    if let Some(table) = &a.reference_ddl {
+        println!("{}", full::table_ddl_full(table));
+        return Ok(());
+    }
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &a.brokers)
         .set("linger.ms", "5")
@@ -100,9 +134,31 @@ async fn main() -> Result<()> {
             create_topic(&a.brokers, t, n).await?;
         }
     }
+    if let Some(users_topic) = &a.reference_users_topic {
+        let partitions = a.create_partitions.unwrap_or(1);
+        create_topic(&a.brokers, &a.topic, partitions).await?;
+        create_topic(&a.brokers, users_topic, partitions).await?;
+        let w = full::workload(a.count, partitions);
+        produce(&producer, users_topic, bench_events(&w.users)).await?;
+        produce(&producer, &a.topic, bench_events(&w.transactions)).await?;
+        producer.flush(Duration::from_secs(30))?;
+        println!(
+            "produced {} transactions ({} repeating an earlier id) to {} and {} user profiles to {users_topic} in {:.2?}",
+            w.transactions.len(),
+            w.duplicates,
+            a.topic,
+            w.users.len(),
+            started.elapsed()
+        );
+        println!(
+            "expected rows: {} ({} with a user)",
+            w.expected_rows, w.expected_matched
+        );
+        return Ok(());
+    }
     if let Some(t) = &a.users_topic {
         let us = users(a.users);
-        produce(&producer, t, &us).await?;
+        produce(&producer, t, events(&us)).await?;
         println!("produced {} users to {t}", us.len());
     }
     let spec = TransactionSpec {
@@ -112,15 +168,15 @@ async fn main() -> Result<()> {
         duplicate_percent: a.duplicate_percent,
         seed: a.seed,
     };
-    let events = transactions(&spec);
-    produce(&producer, &a.topic, &events).await?;
+    let txs = transactions(&spec);
+    produce(&producer, &a.topic, events(&txs)).await?;
     producer.flush(Duration::from_secs(30))?;
     println!(
         "produced {} transactions to {} ({} malformed, {} duplicates) in {:.2?}",
-        events.len(),
+        txs.len(),
         a.topic,
-        events.iter().filter(|e| e.malformed).count(),
-        events.iter().filter(|e| e.duplicate).count(),
+        txs.iter().filter(|e| e.malformed).count(),
+        txs.iter().filter(|e| e.duplicate).count(),
         started.elapsed()
     );
     Ok(())
