@@ -276,3 +276,25 @@ fn mounted_pipeline_parses_with_sluice() -> anyhow::Result<()> {
     sluice::config::LoadedConfig::from_str(&demo, &std::fs::read_to_string(&demo)?)?;
     Ok(())
 }
+
+/// The demo's reference pipeline is the one the bench's full path measures
+/// (`sluice_tests::bench::full::stages`), and it parses with sluice.
+#[test]
+fn demo_reference_pipeline_is_the_benchmarked_one() -> anyhow::Result<()> {
+    let path = repo_root().join("demo/reference.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    sluice::config::LoadedConfig::from_str(&path, &text)?;
+    let yaml: serde_json::Value = serde_yaml_ng::from_str(&text)?;
+    let mut stages = yaml
+        .get("stages")
+        .cloned()
+        .ok_or_else(|| anyhow!("demo/reference.yaml has no stages"))?;
+    // The plugin path is the demo's (an environment variable with a default).
+    let plugin = stages
+        .pointer_mut("/1/wasm/plugin")
+        .ok_or_else(|| anyhow!("stage 2 of demo/reference.yaml is not the wasm plugin"))?;
+    *plugin = serde_json::json!("enrich.wasm");
+    let expected = sluice_tests::bench::full::stages(Path::new("enrich.wasm"), "ref-users");
+    assert_eq!(stages, expected);
+    Ok(())
+}
