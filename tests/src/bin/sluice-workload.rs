@@ -128,17 +128,22 @@ async fn main() -> Result<()> {
         .create()
         .context("create producer")?;
     let started = Instant::now();
-    if let Some(n) = a.create_partitions {
+    // The reference workload names its partitions, so its topics are always created (one
+    // partition unless told otherwise).
+    let partitions = a
+        .create_partitions
+        .or(a.reference_users_topic.as_ref().map(|_| 1));
+    if let Some(n) = partitions {
         create_topic(&a.brokers, &a.topic, n).await?;
-        if let Some(t) = &a.users_topic {
+        for t in [&a.users_topic, &a.reference_users_topic]
+            .into_iter()
+            .flatten()
+        {
             create_topic(&a.brokers, t, n).await?;
         }
     }
     if let Some(users_topic) = &a.reference_users_topic {
-        let partitions = a.create_partitions.unwrap_or(1);
-        create_topic(&a.brokers, &a.topic, partitions).await?;
-        create_topic(&a.brokers, users_topic, partitions).await?;
-        let w = full::workload(a.count, partitions);
+        let w = full::workload(a.count, partitions.unwrap_or(1));
         produce(&producer, users_topic, bench_events(&w.users)).await?;
         produce(&producer, &a.topic, bench_events(&w.transactions)).await?;
         producer.flush(Duration::from_secs(30))?;

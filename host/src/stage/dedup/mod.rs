@@ -262,13 +262,15 @@ impl DedupStage {
                 .or_else(|| earlier.get(&fp))
                 .copied()
                 .or(probe);
-            if known.is_some_and(|seen| seen.ts() >= oldest_live && seen.at() == tag_of(&r)) {
+            if let Some(seen) =
+                known.filter(|seen| seen.ts() >= oldest_live && seen.at() == tag_of(&r))
+            {
                 // Perhaps this very record read again (a rewound partition): the stored
-                // position decides. Absent means the fingerprint was another key's.
-                let stored = match known.map(|seen| st.get(&index_entry(seen.ts(), &key))) {
-                    Some(Ok(Some(v))) if v.is_empty() => st.get(&key_entry(&key))?,
-                    Some(found) => found?,
-                    None => None,
+                // position decides. Absent means the fingerprint was another key's. An empty
+                // time-index entry is one of the earlier layout: the position is in `K`.
+                let stored = match st.get(&index_entry(seen.ts(), &key))? {
+                    Some(v) if v.is_empty() => st.get(&key_entry(&key))?,
+                    found => found,
                 };
                 match stored {
                     Some(v) => {
