@@ -428,6 +428,19 @@ impl KeySpec {
         }
         // Validated up front so that strings the pass skips are UTF-8 too, as in a full parse.
         let text = std::str::from_utf8(&record.value).map_err(not_json)?;
+        // Most records: a flat object, read in one pass that only marks where the wanted
+        // fields are (the last of a repeated name wins, as below).
+        let mut raws: Vec<Option<&str>> = vec![None; self.tops.len()];
+        let flat = sluice_flat_json::for_each_field(text, |name, raw| {
+            for ((first, _), slot) in self.tops.iter().zip(raws.iter_mut()) {
+                if first == name {
+                    *slot = Some(raw);
+                }
+            }
+        });
+        if flat {
+            return self.read_raw(record, |slot| raws.get(slot).copied().flatten());
+        }
         let mut found = vec![None; self.paths.slots.len()];
         let mut de = serde_json::Deserializer::from_str(text);
         Seek {
@@ -459,9 +472,20 @@ impl KeySpec {
         record: &Record,
         field: impl Fn(&str) -> Option<&'t str>,
     ) -> Result<(Vec<u8>, i64), Reject> {
+        self.read_raw(record, |slot| {
+            self.tops.get(slot).and_then(|(first, _)| field(first))
+        })
+    }
+
+    /// The same from the raw JSON text of each pointer's first token (`raw(slot)`).
+    fn read_raw<'t>(
+        &self,
+        record: &Record,
+        raw: impl Fn(usize) -> Option<&'t str>,
+    ) -> Result<(Vec<u8>, i64), Reject> {
         let mut found: Vec<Option<Value>> = Vec::with_capacity(self.tops.len());
-        for (first, rest) in &self.tops {
-            let value = match field(first) {
+        for (slot, (_, rest)) in self.tops.iter().enumerate() {
+            let value = match raw(slot) {
                 None => None,
                 Some(raw) => {
                     let mut v: Value = serde_json::from_str(raw).map_err(not_json)?;

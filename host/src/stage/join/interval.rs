@@ -41,7 +41,7 @@ use crate::state::{StageState, StateError, StateTxn};
 
 use super::codec;
 use super::config::{IntervalJoinConfig, JoinMode};
-use super::merge::{self, Fields};
+use super::merge::{self, Fields, Merge};
 
 /// The two inputs of the join. State tags, watermark and cursor keys per side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +210,7 @@ pub struct IntervalJoinStage {
     cfg: IntervalJoinConfig,
     /// Key and event time of each side.
     specs: [KeySpec; 2],
-    shape: OutputShape,
+    merge: Merge,
     before: i64,
     after: i64,
     lateness: i64,
@@ -233,8 +233,32 @@ struct Partners {
     txn: u64,
     partition: i32,
     side: Option<Side>,
-    /// Key → (the time range of the other side read, its buffered records in it).
-    keys: HashMap<Vec<u8>, (i64, i64, Vec<Buffered>)>,
+    /// Key → its slot in `lists`.
+    slots: HashMap<Vec<u8>, usize>,
+    lists: Vec<PartnerList>,
+}
+
+impl Partners {
+    /// The slot of `key`, a new unread one the first time.
+    fn slot(&mut self, key: &[u8]) -> usize {
+        if let Some(&slot) = self.slots.get(key) {
+            return slot;
+        }
+        let slot = self.lists.len();
+        self.slots.insert(key.to_vec(), slot);
+        self.lists.push(PartnerList::default());
+        slot
+    }
+}
+
+/// One key's buffered records of the other side, read during the transaction.
+#[derive(Default)]
+struct PartnerList {
+    /// The time range read (`None`: not read yet).
+    read: Option<(i64, i64)>,
+    list: Vec<Buffered>,
+    /// The earliest and latest event time of the key's records in the current call.
+    span: Option<(i64, i64)>,
 }
 
 /// Per-batch view of the side watermarks and sweep cursors (indexed by [`Side`]), written
@@ -295,7 +319,7 @@ impl IntervalJoinStage {
                 spec(&cfg.left_key, &cfg.left_time),
                 spec(&cfg.right_key, &cfg.right_time),
             ],
-            shape: cfg.shape()?,
+            merge: Merge::new(&cfg.shape()?),
             before: cfg.before.as_millis_i64(),
             after: cfg.after.as_millis_i64(),
             lateness: cfg.allowed_lateness.as_millis_i64(),
@@ -332,7 +356,7 @@ impl IntervalJoinStage {
             text: &left.value,
             fields: left_fields,
         };
-        let value = merge::merged(&self.shape, l, right).map_err(Reject::schema)?;
+        let value = self.merge.merged(l, right).map_err(Reject::schema)?;
         Ok(Record {
             origin: left.origin.clone(),
             key: left.key.clone(),
@@ -358,7 +382,8 @@ impl IntervalJoinStage {
     /// The fields, key and event time of a record of `side`: one pass over its text, no tree.
     fn read(&self, r: &Record, side: Side) -> Result<(Option<Fields>, Vec<u8>, i64), Reject> {
         let spec = &self.specs[side as usize];
-        let needs_object = side == Side::Left || matches!(self.shape, OutputShape::Prefix { .. });
+        let needs_object =
+            side == Side::Left || matches!(self.merge.shape(), OutputShape::Prefix { .. });
         match Fields::read(&r.value).map_err(not_json)? {
             Some(f) => {
                 let (k, ts) = spec.read_fields(r, |name| f.get(&r.value, name))?;
@@ -399,9 +424,19 @@ impl IntervalJoinStage {
         let mut out = StageOutput::default();
         let mut marks = Marks::load(st)?;
         let mut seqs: HashMap<i64, u32> = HashMap::new();
+        let mut cache = std::mem::take(&mut self.partners);
+        if (cache.txn, cache.partition, cache.side) != (st.txn_id(), partition, Some(side)) {
+            cache = Partners {
+                txn: st.txn_id(),
+                partition,
+                side: Some(side),
+                ..Partners::default()
+            };
+        }
+        // Arrivals, each with its key's slot; the call's slots in order of first appearance,
+        // each with the index of its first arrival.
         let mut arrivals = Vec::with_capacity(batch.len());
-        // Per key: the earliest and latest event time among this call's records.
-        let mut spans: HashMap<Vec<u8>, (i64, i64)> = HashMap::new();
+        let mut touched = Vec::new();
         for r in &batch {
             let Some((fields, key, ts)) =
                 or_dead_letter(self.read(r, side), &mut out, &self.name, r)
@@ -417,71 +452,52 @@ impl IntervalJoinStage {
             let seq = seqs.entry(r.origin.offset).or_insert(0);
             let pos = position(r, *seq);
             *seq += 1;
-            spans
-                .entry(key.clone())
-                .and_modify(|(lo, hi)| {
+            let slot = cache.slot(&key);
+            let span = &mut cache.lists[slot].span;
+            match span {
+                Some((lo, hi)) => {
                     *lo = (*lo).min(ts);
                     *hi = (*hi).max(ts);
-                })
-                .or_insert((ts, ts));
-            arrivals.push(Arrival {
-                record: r,
-                closed,
-                fields,
-                key,
-                ts,
-                pos,
-            });
+                }
+                None => {
+                    *span = Some((ts, ts));
+                    touched.push((slot, arrivals.len()));
+                }
+            }
+            arrivals.push((
+                Arrival {
+                    record: r,
+                    closed,
+                    fields,
+                    key,
+                    ts,
+                    pos,
+                },
+                slot,
+            ));
         }
-        let mut cache = std::mem::take(&mut self.partners);
-        if (cache.txn, cache.partition, cache.side) != (st.txn_id(), partition, Some(side)) {
-            cache = Partners {
-                txn: st.txn_id(),
-                partition,
-                side: Some(side),
-                keys: HashMap::with_capacity(spans.len()),
-            };
-        }
+        let result = self.read_partners(st, side, &arrivals, &touched, &mut cache);
         let (mut matches, mut unmatched) = (0u64, 0u64);
-        let result = arrivals.iter().try_for_each(|a| {
-            let (lo, hi) = spans.get(&a.key).copied().unwrap_or((a.ts, a.ts));
-            let (from, to) = (self.window(side, lo).0, self.window(side, hi).1);
-            if !cache.keys.contains_key(&a.key) {
-                let list = self.partners(st, side, &a.key, from, to)?;
-                cache.keys.insert(a.key.clone(), (from, to, list));
-            }
-            let Some((read_from, read_to, list)) = cache.keys.get_mut(&a.key) else {
-                return Ok(());
-            };
-            // A later record can reach past what was read: read only the missing times (the
-            // lists stay in time order). Ahead, read at least as far again as read so far:
-            // as a batch's slices move on in event time, each would otherwise extend every
-            // key's list by one range read (a seek) per slice; this way a key takes a few
-            // reads per transaction. Partners read beyond every window are never paired.
-            if from < *read_from {
-                let mut head = self.partners(st, side, &a.key, from, *read_from - 1)?;
-                head.append(list);
-                *list = head;
-                *read_from = from;
-            }
-            if to > *read_to {
-                let span = read_to.saturating_sub(*read_from);
-                let until = to.max(read_to.saturating_add(span));
-                list.extend(self.partners(st, side, &a.key, *read_to + 1, until)?);
-                *read_to = until;
-            }
-            let n = match side {
-                Side::Left => self.pair_left(st, &mut out, a, list)?,
-                Side::Right => self.pair_right(st, &mut out, a, list)?,
-            };
-            matches += n;
-            if a.closed && n == 0 && side == Side::Left && self.cfg.mode == JoinMode::LeftOuter {
-                // What the sweep would emit at the end of this call, without buffering it.
-                self.emit(&mut out, a.record, a.fields.as_ref(), None);
-                unmatched += 1;
-            }
-            Ok::<_, StateError>(())
+        let result = result.and_then(|()| {
+            arrivals.iter().try_for_each(|(a, slot)| {
+                let list = &mut cache.lists[*slot].list;
+                let n = match side {
+                    Side::Left => self.pair_left(st, &mut out, a, list)?,
+                    Side::Right => self.pair_right(st, &mut out, a, list)?,
+                };
+                matches += n;
+                if a.closed && n == 0 && side == Side::Left && self.cfg.mode == JoinMode::LeftOuter
+                {
+                    // What the sweep would emit at the end of this call, without buffering it.
+                    self.emit(&mut out, a.record, a.fields.as_ref(), None);
+                    unmatched += 1;
+                }
+                Ok::<_, StateError>(())
+            })
         });
+        for (slot, _) in touched {
+            cache.lists[slot].span = None;
+        }
         self.partners = cache;
         result?;
         let budget = (batch.len() * 2).max(10_000);
@@ -490,6 +506,57 @@ impl IntervalJoinStage {
         out.counters.push(("join_matches", matches));
         out.counters.push(("join_unmatched", unmatched));
         Ok(out)
+    }
+
+    /// Makes each touched key's list cover the windows of its records in this call (the
+    /// union over the call's records of the key; the same for all of them). Read in order of
+    /// first appearance, as the records would have read them one by one.
+    fn read_partners(
+        &self,
+        st: &StageState<'_, '_>,
+        side: Side,
+        arrivals: &[(Arrival<'_>, usize)],
+        touched: &[(usize, usize)],
+        cache: &mut Partners,
+    ) -> Result<(), StateError> {
+        for &(slot, first) in touched {
+            let (Some((a, _)), Some(entry)) = (arrivals.get(first), cache.lists.get_mut(slot))
+            else {
+                continue;
+            };
+            let key = &a.key[..];
+            let Some((lo, hi)) = entry.span else {
+                continue;
+            };
+            let (from, to) = (self.window(side, lo).0, self.window(side, hi).1);
+            let Some((read_from, read_to)) = entry.read else {
+                entry.list = self.partners(st, side, key, from, to)?;
+                entry.read = Some((from, to));
+                continue;
+            };
+            // A later call can reach past what was read: read only the missing times (the
+            // lists stay in time order). Ahead, read at least as far again as read so far: as
+            // a batch's slices move on in event time, each would otherwise extend every key's
+            // list by one range read (a seek) per slice; this way a key takes a few reads per
+            // transaction. Partners read beyond every window are never paired.
+            let (mut new_from, mut new_to) = (read_from, read_to);
+            if from < read_from {
+                let mut head = self.partners(st, side, key, from, read_from - 1)?;
+                head.append(&mut entry.list);
+                entry.list = head;
+                new_from = from;
+            }
+            if to > read_to {
+                let span = read_to.saturating_sub(read_from);
+                let until = to.max(read_to.saturating_add(span));
+                entry
+                    .list
+                    .extend(self.partners(st, side, key, read_to + 1, until)?);
+                new_to = until;
+            }
+            entry.read = Some((new_from, new_to));
+        }
+        Ok(())
     }
 
     /// The window of the other side a record of `side` at `ts` pairs with: rights in

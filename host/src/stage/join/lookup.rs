@@ -20,7 +20,7 @@ use crate::stage::{BatchContext, Stage, StageError, StageOutput};
 use crate::state::{StageState, StateError, StateTxn};
 
 use super::config::{LookupJoinConfig, Unmatched};
-use super::merge::{self, Fields, Parsed};
+use super::merge::{self, Fields, Merge, Parsed};
 
 const VALUE: u8 = b'V';
 const INDEX: u8 = b'I';
@@ -54,7 +54,7 @@ pub struct LookupJoinStage {
     name: String,
     cfg: LookupJoinConfig,
     spec: KeySpec,
-    shape: OutputShape,
+    merge: Merge,
 }
 
 impl LookupJoinStage {
@@ -63,7 +63,7 @@ impl LookupJoinStage {
         Ok(Self {
             name: name.to_string(),
             spec: KeySpec::new(&cfg.key, None),
-            shape: cfg.shape()?,
+            merge: Merge::new(&cfg.shape()?),
             cfg: cfg.clone(),
         })
     }
@@ -107,7 +107,7 @@ impl LookupJoinStage {
             text: &r.value,
             fields: Some(fields),
         };
-        let value = merge::merged(&self.shape, left, row).map_err(Reject::schema)?;
+        let value = self.merge.merged(left, row).map_err(Reject::schema)?;
         Ok(Some(Record {
             value: Bytes::from(value),
             ..r.clone()
@@ -176,7 +176,7 @@ impl LookupJoinStage {
     /// The key of a changelog row (not a tombstone).
     fn row_key(&self, r: &Record, kafka_key: Option<&[u8]>) -> Result<Vec<u8>, Reject> {
         let v = parse_json(r)?;
-        if matches!(self.shape, OutputShape::Prefix { .. }) && !v.is_object() {
+        if matches!(self.merge.shape(), OutputShape::Prefix { .. }) && !v.is_object() {
             return Err(Reject::schema(
                 "value is not a JSON object (needed by `prefix`)",
             ));

@@ -142,79 +142,158 @@ pub struct Side<'a> {
     pub fields: Option<&'a Fields>,
 }
 
-/// The left record's text with the right record merged in as `shape` says (see
-/// [`OutputShape::merge`]). The added values are the right record's text as written.
-pub fn merged(
-    shape: &OutputShape,
-    left: Side<'_>,
-    right: Option<Side<'_>>,
-) -> Result<Vec<u8>, String> {
-    let Some(lf) = left.fields else {
-        return Err("value is not a JSON object".into());
-    };
-    let mut adds: Vec<(Cow<'_, str>, Option<&str>)> = Vec::new();
-    let not_object = || "the right record is not a JSON object (needed by `prefix`)".to_string();
-    match shape {
-        OutputShape::Nest(field) => {
-            let text = right.map(|r| trim(r.text)).transpose()?;
-            adds.push((field.into(), text));
+/// How a join adds the right record to the left one, prepared once per stage: for `nest` and
+/// for `prefix` with `fields` the added names are known up front, so they are built and
+/// JSON-encoded here rather than for every pair.
+#[derive(Debug, Clone)]
+pub struct Merge {
+    shape: OutputShape,
+    /// `None` for `prefix` without `fields` (the names depend on the right record).
+    fixed: Option<Vec<Added>>,
+    /// Two fixed names are equal (`fields` lists one twice): merged as trees, where the last
+    /// one wins.
+    repeated: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Added {
+    name: String,
+    /// `name` as a JSON string.
+    json: Vec<u8>,
+    /// The right record's field whose value is added (`prefix`); `None` for `nest`.
+    from: Option<String>,
+}
+
+impl Added {
+    fn new(name: String, from: Option<String>) -> Self {
+        // Serialising a string cannot fail.
+        let json = serde_json::to_vec(&name).unwrap_or_default();
+        Self { name, json, from }
+    }
+}
+
+impl Merge {
+    pub fn new(shape: &OutputShape) -> Self {
+        let fixed = match shape {
+            OutputShape::Nest(field) => Some(vec![Added::new(field.clone(), None)]),
+            OutputShape::Prefix {
+                prefix,
+                fields: Some(only),
+            } => Some(
+                only.iter()
+                    .map(|f| Added::new(format!("{prefix}{f}"), Some(f.clone())))
+                    .collect(),
+            ),
+            OutputShape::Prefix { fields: None, .. } => None,
+        };
+        let repeated = fixed.as_ref().is_some_and(|added| {
+            added
+                .iter()
+                .enumerate()
+                .any(|(i, a)| added[..i].iter().any(|b| b.name == a.name))
+        });
+        Self {
+            shape: shape.clone(),
+            fixed,
+            repeated,
         }
-        OutputShape::Prefix {
-            prefix,
-            fields: Some(only),
-        } => {
-            let rf = match right {
-                Some(r) => Some((r.text, r.fields.ok_or_else(not_object)?)),
-                None => None,
-            };
-            for f in only {
-                let raw = rf.and_then(|(text, rf)| rf.get(text, f));
-                adds.push((format!("{prefix}{f}").into(), raw));
+    }
+
+    pub fn shape(&self) -> &OutputShape {
+        &self.shape
+    }
+
+    /// The left record's text with the right record merged in as the shape says (see
+    /// [`OutputShape::merge`]). The added values are the right record's text as written.
+    pub fn merged(&self, left: Side<'_>, right: Option<Side<'_>>) -> Result<Vec<u8>, String> {
+        let Some(lf) = left.fields else {
+            return Err("value is not a JSON object".into());
+        };
+        let not_object =
+            || "the right record is not a JSON object (needed by `prefix`)".to_string();
+        // `prefix` without `fields`: the names, built per right record.
+        let mut names: Vec<String> = Vec::new();
+        // Each added field: its name (JSON-encoded when fixed) and its value's text.
+        let mut values: Vec<Option<&str>> = Vec::new();
+        // A merged field that replaces a left field (or a repeated right field, of which a
+        // parsed object keeps the last) is merged as trees.
+        let clash = match &self.fixed {
+            Some(fixed) => {
+                match &self.shape {
+                    OutputShape::Nest(_) => values.push(right.map(|r| trim(r.text)).transpose()?),
+                    OutputShape::Prefix { .. } => {
+                        let rf = match right {
+                            Some(r) => Some((r.text, r.fields.ok_or_else(not_object)?)),
+                            None => None,
+                        };
+                        values.extend(fixed.iter().map(|a| {
+                            let from = a.from.as_deref().unwrap_or_default();
+                            rf.and_then(|(text, rf)| rf.get(text, from))
+                        }));
+                    }
+                }
+                self.repeated || fixed.iter().any(|a| lf.has(left.text, &a.name))
             }
+            None => {
+                let prefix = match &self.shape {
+                    OutputShape::Prefix { prefix, .. } => prefix.as_str(),
+                    OutputShape::Nest(_) => "",
+                };
+                if let Some(r) = right {
+                    let rf = r.fields.ok_or_else(not_object)?;
+                    for (n, v) in &rf.list {
+                        let (Some(name), Some(raw)) = (name_of(r.text, n), str_at(r.text, v))
+                        else {
+                            return Err("the right record's text is not UTF-8".into());
+                        };
+                        names.push(format!("{prefix}{name}"));
+                        values.push(Some(raw));
+                    }
+                }
+                names.iter().enumerate().any(|(i, name)| {
+                    lf.has(left.text, name) || names[..i].iter().any(|n| n == name)
+                })
+            }
+        };
+        if clash {
+            return merged_trees(&self.shape, left.text, right.map(|r| r.text));
         }
-        OutputShape::Prefix {
-            prefix,
-            fields: None,
-        } => {
-            if let Some(r) = right {
-                let rf = r.fields.ok_or_else(not_object)?;
-                for (n, v) in &rf.list {
-                    let (Some(name), Some(raw)) = (name_of(r.text, n), str_at(r.text, v)) else {
-                        return Err("the right record's text is not UTF-8".into());
-                    };
-                    adds.push((format!("{prefix}{name}").into(), Some(raw)));
+        let mut out = Vec::with_capacity(
+            left.text.len() + values.len() * 32 + right.map_or(0, |r| r.text.len()),
+        );
+        let open = left
+            .text
+            .get(..lf.close)
+            .ok_or("the left record's fields do not match its text")?;
+        out.extend_from_slice(open);
+        let mut first = lf.list.is_empty();
+        let mut field = |out: &mut Vec<u8>, name: &[u8], raw: Option<&str>| {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(name);
+            out.push(b':');
+            out.extend_from_slice(raw.unwrap_or("null").as_bytes());
+        };
+        match &self.fixed {
+            Some(fixed) => {
+                for (a, raw) in fixed.iter().zip(values) {
+                    field(&mut out, &a.json, raw);
+                }
+            }
+            None => {
+                let mut json = Vec::new();
+                for (name, raw) in names.iter().zip(values) {
+                    json.clear();
+                    serde_json::to_writer(&mut json, name).map_err(|e| e.to_string())?;
+                    field(&mut out, &json, raw);
                 }
             }
         }
+        out.push(b'}');
+        Ok(out)
     }
-    // A merged field that replaces a left field (or a repeated right field, of which a parsed
-    // object keeps the last) is merged as trees.
-    let clash = adds
-        .iter()
-        .enumerate()
-        .any(|(i, (name, _))| lf.has(left.text, name) || adds[..i].iter().any(|(n, _)| n == name));
-    if clash {
-        return merged_trees(shape, left.text, right.map(|r| r.text));
-    }
-    let mut out =
-        Vec::with_capacity(left.text.len() + adds.len() * 32 + right.map_or(0, |r| r.text.len()));
-    let open = left
-        .text
-        .get(..lf.close)
-        .ok_or("the left record's fields do not match its text")?;
-    out.extend_from_slice(open);
-    let mut first = lf.list.is_empty();
-    for (name, raw) in adds {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        serde_json::to_writer(&mut out, &name).map_err(|e| e.to_string())?;
-        out.push(b':');
-        out.extend_from_slice(raw.unwrap_or("null").as_bytes());
-    }
-    out.push(b'}');
-    Ok(out)
 }
 
 fn trim(text: &[u8]) -> Result<&str, String> {
@@ -324,7 +403,7 @@ mod tests {
             text: t.as_bytes(),
             fields: rf.as_ref(),
         });
-        let text = merged(shape, left, right)?;
+        let text = Merge::new(shape).merged(left, right)?;
         Ok(serde_json::from_slice(&text).unwrap())
     }
 
@@ -401,6 +480,11 @@ mod tests {
                 prefix: "u_".into(),
                 fields: Some(vec!["name".into(), "x".into()]),
             },
+            // A field listed twice: added once.
+            OutputShape::Prefix {
+                prefix: "u_".into(),
+                fields: Some(vec!["name".into(), "name".into()]),
+            },
             // Collides with the left record's `id`: the tree merge replaces it.
             OutputShape::Prefix {
                 prefix: "".into(),
@@ -433,6 +517,22 @@ mod tests {
                 }
             }
         }
+        // The text holds the field listed twice once.
+        let (left, right) = (r#"{"id":"t"}"#, r#"{"name":"ann"}"#);
+        let (lf, rf) = (fields(left), fields(right));
+        let text = Merge::new(&shapes[4])
+            .merged(
+                Side {
+                    text: left.as_bytes(),
+                    fields: lf.as_ref(),
+                },
+                Some(Side {
+                    text: right.as_bytes(),
+                    fields: rf.as_ref(),
+                }),
+            )
+            .unwrap();
+        assert_eq!(text, br#"{"id":"t","u_name":"ann"}"#);
         let nest = &shapes[0];
         assert_eq!(
             merge(nest, r#"{"a":1}"#, Some(" [1,2] ")).unwrap(),
@@ -452,18 +552,18 @@ mod tests {
         let left = r#"{"id":"t1","amount":1.50}"#;
         let right = r#"{"country":"FR","name":"Ann"}"#;
         let (lf, rf) = (fields(left).unwrap(), fields(right).unwrap());
-        let out = merged(
-            &shape,
-            Side {
-                text: left.as_bytes(),
-                fields: Some(&lf),
-            },
-            Some(Side {
-                text: right.as_bytes(),
-                fields: Some(&rf),
-            }),
-        )
-        .unwrap();
+        let out = Merge::new(&shape)
+            .merged(
+                Side {
+                    text: left.as_bytes(),
+                    fields: Some(&lf),
+                },
+                Some(Side {
+                    text: right.as_bytes(),
+                    fields: Some(&rf),
+                }),
+            )
+            .unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"id":"t1","amount":1.50,"user_name":"Ann","user_country":"FR"}"#
