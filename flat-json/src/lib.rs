@@ -64,6 +64,7 @@ fn scan<'a>(src: &'a str, field: &mut impl FnMut(&'a str, &'a str)) -> Option<()
 }
 
 /// The first index at or after `i` that is not JSON whitespace.
+#[inline]
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
     while matches!(b.get(i), Some(b' ' | b'\n' | b'\t' | b'\r')) {
         i += 1;
@@ -77,6 +78,7 @@ const HIGHS: u64 = 0x8080_8080_8080_8080;
 /// The index of the first byte at or after `i` that a JSON string cannot hold unescaped: `"`,
 /// `\` or a control character (`b.len()` if there is none). Eight bytes per step: WebAssembly
 /// without SIMD runs a byte loop slowly.
+#[inline]
 pub fn first_special(b: &[u8], mut i: usize) -> usize {
     while let Some(w) = b.get(i..i + 8) {
         let mut word = [0u8; 8];
@@ -102,12 +104,14 @@ pub fn first_special(b: &[u8], mut i: usize) -> usize {
 }
 
 /// High bit of each zero byte of `x` (exact for the lowest one).
+#[inline]
 fn zero_bytes(x: u64) -> u64 {
     x.wrapping_sub(ONES) & !x & HIGHS
 }
 
 /// The index after the closing quote of the string whose text starts at `i`; `None` for a
 /// control character, a `\u` escape, an unknown escape or no closing quote.
+#[inline]
 fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
     loop {
         i = first_special(b, i);
@@ -124,6 +128,7 @@ fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
 
 /// The index after the number starting at `start` (JSON grammar); `None` with an exponent or
 /// more than 300 characters.
+#[inline]
 fn number_end(b: &[u8], start: usize) -> Option<usize> {
     let digits = |mut i: usize| {
         while b.get(i).is_some_and(u8::is_ascii_digit) {
