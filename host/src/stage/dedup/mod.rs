@@ -220,7 +220,9 @@ impl DedupStage {
         // The inserts of this call (applied to the index when the batch commits), and of the
         // transaction's earlier calls (stale ones, of a transaction dropped or committed, are
         // discarded).
-        let mut fresh: FingerprintMap<Seen> = FingerprintMap::default();
+        // Sized for the call up front: growing it from empty rehashes it a dozen times.
+        let mut fresh: FingerprintMap<Seen> =
+            FingerprintMap::with_capacity_and_hasher(batch.len(), Default::default());
         if self.uncommitted.0 != st.txn_id() {
             self.uncommitted = (st.txn_id(), HashMap::new());
         }
@@ -305,6 +307,7 @@ impl DedupStage {
             out.records.push(r);
         }
 
+        earlier.reserve(fresh.len());
         earlier.extend(fresh.iter().map(|(fp, seen)| (*fp, *seen)));
         self.uncommitted.1.insert(partition, earlier);
         let mut changes = Changes {
