@@ -18,6 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::idle::{self, FetchSpin};
+use super::join_watch::JoinWatch;
 use super::side_first::SideFirst;
 use crate::config::KafkaConfig;
 use crate::record::{Header, Origin};
@@ -116,10 +117,19 @@ pub struct SourceContext {
     spin: Arc<FetchSpin>,
     idle_pause: Duration,
     side_first: Arc<SideFirst>,
+    join_watch: JoinWatch,
 }
 
 impl ClientContext for SourceContext {
     fn stats_raw(&self, statistics: &[u8]) {
+        if self.ownership.changes() == 0 {
+            if let Some(m) = self
+                .join_watch
+                .observe(statistics, std::time::Instant::now())
+            {
+                tracing::warn!(group = %self.group, "{m}");
+            }
+        }
         if let Some(rate) = self.spin.observe(statistics, std::time::Instant::now()) {
             tracing::info!(
                 group = %self.group,
@@ -277,12 +287,14 @@ impl KafkaSource {
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", cfg.start_offset.as_librdkafka());
         let idle_pause = Duration::from_millis(cfg.idle_fetch_pause_ms);
-        // The statistics are how a fetch spin is seen (`idle`).
+        // The statistics are how a fetch spin is seen (`idle`), and a group join that does not
+        // complete (`join_watch`).
         if !idle_pause.is_zero() && !cfg.properties.contains_key("statistics.interval.ms") {
             c.set("statistics.interval.ms", "1000");
         }
         let ownership = Arc::new(Ownership::default());
-        let spin = Arc::new(FetchSpin::starting_at(std::time::Instant::now()));
+        let created = std::time::Instant::now();
+        let spin = Arc::new(FetchSpin::starting_at(created));
         let side_first = Arc::new(SideFirst::new(
             if cfg.side_topics_first {
                 side_topics
@@ -299,6 +311,7 @@ impl KafkaSource {
                 spin: spin.clone(),
                 idle_pause,
                 side_first: side_first.clone(),
+                join_watch: JoinWatch::starting_at(created),
             })
             .map(Arc::new)
             .map_err(|e| SourceError::Create(e.to_string()))?;
