@@ -148,11 +148,27 @@ pub struct Side<'a> {
 #[derive(Debug, Clone)]
 pub struct Merge {
     shape: OutputShape,
-    /// `None` for `prefix` without `fields` (the names depend on the right record).
-    fixed: Option<Vec<Added>>,
-    /// Two fixed names are equal (`fields` lists one twice): merged as trees, where the last
-    /// one wins.
-    repeated: bool,
+    plan: Plan,
+}
+
+#[derive(Debug, Clone)]
+enum Plan {
+    /// `nest`: the right record under this field.
+    Nest(Added),
+    /// `prefix` with `fields`: each one's prefixed name and the right field it comes from.
+    /// `repeated`: `fields` lists a name twice, merged as trees (where the last one wins).
+    Fields {
+        added: Vec<(Added, String)>,
+        repeated: bool,
+    },
+    /// `prefix` without `fields`: every field of the right record, its name prefixed.
+    All { prefix: String },
+}
+
+/// The name of a field `merged` adds: encoded once per stage, or built per right record.
+enum AddedName<'a> {
+    Encoded(&'a [u8]),
+    Plain(String),
 }
 
 #[derive(Debug, Clone)]
@@ -160,42 +176,44 @@ struct Added {
     name: String,
     /// `name` as a JSON string.
     json: Vec<u8>,
-    /// The right record's field whose value is added (`prefix`); `None` for `nest`.
-    from: Option<String>,
 }
 
 impl Added {
-    fn new(name: String, from: Option<String>) -> Self {
+    fn new(name: String) -> Self {
         // Serialising a string cannot fail.
         let json = serde_json::to_vec(&name).unwrap_or_default();
-        Self { name, json, from }
+        Self { name, json }
     }
 }
 
 impl Merge {
     pub fn new(shape: &OutputShape) -> Self {
-        let fixed = match shape {
-            OutputShape::Nest(field) => Some(vec![Added::new(field.clone(), None)]),
+        let plan = match shape {
+            OutputShape::Nest(field) => Plan::Nest(Added::new(field.clone())),
             OutputShape::Prefix {
                 prefix,
                 fields: Some(only),
-            } => Some(
-                only.iter()
-                    .map(|f| Added::new(format!("{prefix}{f}"), Some(f.clone())))
-                    .collect(),
-            ),
-            OutputShape::Prefix { fields: None, .. } => None,
+            } => {
+                let added: Vec<(Added, String)> = only
+                    .iter()
+                    .map(|f| (Added::new(format!("{prefix}{f}")), f.clone()))
+                    .collect();
+                let repeated = added
+                    .iter()
+                    .enumerate()
+                    .any(|(i, (a, _))| added[..i].iter().any(|(b, _)| b.name == a.name));
+                Plan::Fields { added, repeated }
+            }
+            OutputShape::Prefix {
+                prefix,
+                fields: None,
+            } => Plan::All {
+                prefix: prefix.clone(),
+            },
         };
-        let repeated = fixed.as_ref().is_some_and(|added| {
-            added
-                .iter()
-                .enumerate()
-                .any(|(i, a)| added[..i].iter().any(|b| b.name == a.name))
-        });
         Self {
             shape: shape.clone(),
-            fixed,
-            repeated,
+            plan,
         }
     }
 
@@ -211,34 +229,29 @@ impl Merge {
         };
         let not_object =
             || "the right record is not a JSON object (needed by `prefix`)".to_string();
-        // `prefix` without `fields`: the names, built per right record.
-        let mut names: Vec<String> = Vec::new();
-        // Each added field: its name (JSON-encoded when fixed) and its value's text.
-        let mut values: Vec<Option<&str>> = Vec::new();
+        // Each added field: its name and its value's text (`None`: null).
+        let mut adds: Vec<(AddedName<'_>, Option<&str>)> = Vec::new();
         // A merged field that replaces a left field (or a repeated right field, of which a
         // parsed object keeps the last) is merged as trees.
-        let clash = match &self.fixed {
-            Some(fixed) => {
-                match &self.shape {
-                    OutputShape::Nest(_) => values.push(right.map(|r| trim(r.text)).transpose()?),
-                    OutputShape::Prefix { .. } => {
-                        let rf = match right {
-                            Some(r) => Some((r.text, r.fields.ok_or_else(not_object)?)),
-                            None => None,
-                        };
-                        values.extend(fixed.iter().map(|a| {
-                            let from = a.from.as_deref().unwrap_or_default();
-                            rf.and_then(|(text, rf)| rf.get(text, from))
-                        }));
-                    }
-                }
-                self.repeated || fixed.iter().any(|a| lf.has(left.text, &a.name))
+        let clash = match &self.plan {
+            Plan::Nest(a) => {
+                let text = right.map(|r| trim(r.text)).transpose()?;
+                adds.push((AddedName::Encoded(&a.json), text));
+                lf.has(left.text, &a.name)
             }
-            None => {
-                let prefix = match &self.shape {
-                    OutputShape::Prefix { prefix, .. } => prefix.as_str(),
-                    OutputShape::Nest(_) => "",
+            Plan::Fields { added, repeated } => {
+                let rf = match right {
+                    Some(r) => Some((r.text, r.fields.ok_or_else(not_object)?)),
+                    None => None,
                 };
+                for (a, from) in added {
+                    let raw = rf.and_then(|(text, rf)| rf.get(text, from));
+                    adds.push((AddedName::Encoded(&a.json), raw));
+                }
+                *repeated || added.iter().any(|(a, _)| lf.has(left.text, &a.name))
+            }
+            Plan::All { prefix } => {
+                let mut named: Vec<(String, &str)> = Vec::new();
                 if let Some(r) = right {
                     let rf = r.fields.ok_or_else(not_object)?;
                     for (n, v) in &rf.list {
@@ -246,20 +259,25 @@ impl Merge {
                         else {
                             return Err("the right record's text is not UTF-8".into());
                         };
-                        names.push(format!("{prefix}{name}"));
-                        values.push(Some(raw));
+                        named.push((format!("{prefix}{name}"), raw));
                     }
                 }
-                names.iter().enumerate().any(|(i, name)| {
-                    lf.has(left.text, name) || names[..i].iter().any(|n| n == name)
-                })
+                let clash = named.iter().enumerate().any(|(i, (name, _))| {
+                    lf.has(left.text, name) || named[..i].iter().any(|(n, _)| n == name)
+                });
+                adds.extend(
+                    named
+                        .into_iter()
+                        .map(|(name, raw)| (AddedName::Plain(name), Some(raw))),
+                );
+                clash
             }
         };
         if clash {
             return merged_trees(&self.shape, left.text, right.map(|r| r.text));
         }
         let mut out = Vec::with_capacity(
-            left.text.len() + values.len() * 32 + right.map_or(0, |r| r.text.len()),
+            left.text.len() + adds.len() * 32 + right.map_or(0, |r| r.text.len()),
         );
         let open = left
             .text
@@ -267,29 +285,19 @@ impl Merge {
             .ok_or("the left record's fields do not match its text")?;
         out.extend_from_slice(open);
         let mut first = lf.list.is_empty();
-        let mut field = |out: &mut Vec<u8>, name: &[u8], raw: Option<&str>| {
+        for (name, raw) in adds {
             if !first {
                 out.push(b',');
             }
             first = false;
-            out.extend_from_slice(name);
+            match name {
+                AddedName::Encoded(json) => out.extend_from_slice(json),
+                AddedName::Plain(name) => {
+                    serde_json::to_writer(&mut out, &name).map_err(|e| e.to_string())?
+                }
+            }
             out.push(b':');
             out.extend_from_slice(raw.unwrap_or("null").as_bytes());
-        };
-        match &self.fixed {
-            Some(fixed) => {
-                for (a, raw) in fixed.iter().zip(values) {
-                    field(&mut out, &a.json, raw);
-                }
-            }
-            None => {
-                let mut json = Vec::new();
-                for (name, raw) in names.iter().zip(values) {
-                    json.clear();
-                    serde_json::to_writer(&mut json, name).map_err(|e| e.to_string())?;
-                    field(&mut out, &json, raw);
-                }
-            }
         }
         out.push(b'}');
         Ok(out)
