@@ -6,7 +6,7 @@
 #
 #   scripts/bench.sh                          # the full run: 1 M-record backlog (~5 min after the build)
 #   scripts/bench.sh --records 200000         # extra arguments go to `sluice-bench run`
-#   scripts/bench.sh --phases wasm,latency    # a subset: backlog, latency, wasm, scaling, swap
+#   scripts/bench.sh --phases wasm,latency    # a subset: backlog, full, latency, wasm, dedup, scaling, swap
 #   scripts/bench.sh --phases backlog --perf  # also profile sluice on the backlog (perf record)
 #
 #   SLUICE_BENCH_CH_PORT     ClickHouse HTTP port (default 18323)
@@ -39,6 +39,13 @@ say "building the plugin's v2 (--features v2) for the hot-swap phase"
 CARGO_TARGET_DIR="$WASM_TARGET_DIR/enrich-v2" cargo build --release --target wasm32-wasip2 \
     -p sluice-plugin-enrich --features v2 >&2
 plugin_v2="$WASM_TARGET_DIR/enrich-v2/wasm32-wasip2/release/sluice_plugin_enrich.wasm"
+
+# The same plugin in C, Python, JavaScript and Go for the `wasm` phase's per-language rows
+# (each build installs its toolchain on first use); one that fails is reported as not measured.
+if [[ " $* " != *" --phases "* || " $* " == *wasm* || " $* " == *all* ]]; then
+    say "building the reference plugin in the other languages (plugins/build-all.sh)"
+    plugins/build-all.sh >&2 || say "some plugin builds failed: the bench reports them as not measured"
+fi
 
 # Hard links to the binaries: other builds sharing the target dir replace those files (new
 # inodes), and the bench must run one build from start to end.

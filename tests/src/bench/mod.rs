@@ -8,6 +8,7 @@ pub mod kafka;
 pub mod pipeline;
 pub mod procfs;
 pub mod services;
+pub mod state;
 pub mod stats;
 pub mod swap;
 pub mod wasm_cost;

@@ -169,6 +169,8 @@ fn pass(
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WasmCost {
+    /// The plugin's language (`rust`: the same code as the native transform).
+    pub lang: String,
     pub batch: usize,
     pub records: usize,
     pub native_us_per_record: f64,
@@ -202,35 +204,51 @@ pub fn measure(
     batches: &[usize],
     reps: usize,
 ) -> Result<Vec<WasmCost>> {
+    batches
+        .iter()
+        .map(|&batch| measure_lang("rust", plugin_path, cache_dir, events, batch, reps))
+        .collect()
+}
+
+/// The enrich plugin of language `lang` (any component that answers like the Rust one: the
+/// conformance suite checks every language gives the same rows) against the native Rust
+/// transform, on the same records in batches of `batch`: rows compared first, then the best of
+/// `reps` interleaved passes after a warm-up pass.
+pub fn measure_lang(
+    lang: &str,
+    plugin_path: &Path,
+    cache_dir: &Path,
+    events: &[BenchEvent],
+    batch: usize,
+    reps: usize,
+) -> Result<WasmCost> {
     let recs = records(events);
     let (_dir, store) = scratch_state()?;
     let mut st = store.txn();
     let mut native = NativeEnrich::new()?;
-    let mut wasm = wasm_stage(plugin_path, cache_dir)?;
+    let mut wasm = wasm_stage(plugin_path, cache_dir).with_context(|| format!("{lang} plugin"))?;
     check_same_output(
         &mut native,
         &mut wasm,
         &recs[..recs.len().min(2000)],
         &mut st,
-    )?;
-    let mut out = Vec::new();
-    for &batch in batches {
-        pass(&mut native, &recs, batch, &mut st)?;
-        pass(&mut wasm, &recs, batch, &mut st)?;
-        let (mut best_n, mut best_w) = (f64::MAX, f64::MAX);
-        for _ in 0..reps {
-            best_n = best_n.min(pass(&mut native, &recs, batch, &mut st)?);
-            best_w = best_w.min(pass(&mut wasm, &recs, batch, &mut st)?);
-        }
-        let n = recs.len() as f64;
-        out.push(WasmCost {
-            batch,
-            records: recs.len(),
-            native_us_per_record: best_n * 1e6 / n,
-            wasm_us_per_record: best_w * 1e6 / n,
-        });
+    )
+    .with_context(|| format!("{lang} plugin"))?;
+    pass(&mut native, &recs, batch, &mut st)?;
+    pass(&mut wasm, &recs, batch, &mut st)?;
+    let (mut best_n, mut best_w) = (f64::MAX, f64::MAX);
+    for _ in 0..reps.max(1) {
+        best_n = best_n.min(pass(&mut native, &recs, batch, &mut st)?);
+        best_w = best_w.min(pass(&mut wasm, &recs, batch, &mut st)?);
     }
-    Ok(out)
+    let n = recs.len().max(1) as f64;
+    Ok(WasmCost {
+        lang: lang.to_string(),
+        batch,
+        records: recs.len(),
+        native_us_per_record: best_n * 1e6 / n,
+        wasm_us_per_record: best_w * 1e6 / n,
+    })
 }
 
 /// Both stages must produce the same rows, or the comparison is meaningless.

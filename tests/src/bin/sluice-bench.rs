@@ -37,6 +37,7 @@ use sluice_tests::bench::kafka::{self, RawConsume};
 use sluice_tests::bench::pipeline::{self, PipelineSpec, SluiceProc, Visibility};
 use sluice_tests::bench::procfs;
 use sluice_tests::bench::services::BenchServices;
+use sluice_tests::bench::state::{self, DedupState};
 use sluice_tests::bench::stats::{self, Poll};
 use sluice_tests::bench::swap::{self, Api};
 use sluice_tests::bench::wasm_cost::{self, PluginTimes, WasmCost};
@@ -63,6 +64,19 @@ enum Cmd {
         group: String,
         #[arg(long)]
         count: u64,
+    },
+    /// Internal: the dedup state benchmark, in a process of its own (its peak RSS is the
+    /// state's alone); prints JSON.
+    #[command(hide = true)]
+    DedupState {
+        #[arg(long)]
+        keys: u64,
+        #[arg(long)]
+        hits: u64,
+        #[arg(long)]
+        batch: usize,
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -103,6 +117,19 @@ struct RunArgs {
     /// Time from one swap request to the next (ms).
     #[arg(long, default_value_t = 2_000)]
     swap_every_ms: u64,
+    /// The enrich plugin in another language, `LANG=PATH` (repeatable), measured in the `wasm`
+    /// phase against the same native transform. Default: the components `plugins/build-all.sh`
+    /// leaves in `plugins/<lang>-enrich/target/enrich.wasm` (C, Python, JavaScript, Go).
+    #[arg(long = "lang-plugin", value_name = "LANG=PATH")]
+    lang_plugins: Vec<String>,
+    /// Records per language in the `wasm` phase (interpreted languages take ~100 µs each).
+    #[arg(long, default_value_t = 20_000)]
+    lang_records: usize,
+    /// Distinct keys of the dedup state phase (`dedup`), and lookups of existing keys after.
+    #[arg(long, default_value_t = 10_000_000)]
+    dedup_keys: u64,
+    #[arg(long, default_value_t = 1_000_000)]
+    dedup_hits: u64,
     /// Records for the native-vs-WASM comparison.
     #[arg(long, default_value_t = 200_000)]
     wasm_records: usize,
@@ -121,7 +148,7 @@ struct RunArgs {
     /// Partitions of the full path's two (co-partitioned) topics.
     #[arg(long, default_value_t = 2)]
     full_partitions: i32,
-    /// Comma-separated subset of backlog,full,latency,wasm,scaling,swap (or `all`).
+    /// Comma-separated subset of backlog,full,latency,wasm,dedup,scaling,swap (or `all`).
     #[arg(long, default_value = "all")]
     phases: String,
     /// Run the sluice process of the 1-partition plain-path run (and of the full path) under
@@ -312,7 +339,10 @@ struct Results {
     full: Option<FullRun>,
     latency: Vec<Latency>,
     wasm: Vec<WasmCost>,
+    /// Plugin languages the `wasm` phase could not measure, and why.
+    wasm_missing: Vec<String>,
     plugin: Option<PluginTimes>,
+    dedup: Option<DedupState>,
     scaling: Vec<PathRun>,
     swap: Option<SwapRun>,
     total_secs: f64,
@@ -422,6 +452,57 @@ impl Bench {
         let mut r: RawConsume = serde_json::from_str(line)?;
         r.broker_cpu_s = Self::pid_cpu(self.svc.kafka_pid()) - broker0;
         Ok(r)
+    }
+
+    /// The other languages' enrich plugins for the `wasm` phase (see `--lang-plugin`).
+    fn lang_plugins(&self) -> Result<Vec<(String, PathBuf)>> {
+        if self.args.lang_plugins.is_empty() {
+            let plugins = sluice_tests::services::repo_root().join("plugins");
+            return Ok(["c", "python", "js", "go"]
+                .into_iter()
+                .map(|l| {
+                    let path = plugins.join(format!("{l}-enrich/target/enrich.wasm"));
+                    (l.to_string(), path)
+                })
+                .collect());
+        }
+        self.args
+            .lang_plugins
+            .iter()
+            .map(|p| {
+                let (lang, path) = p
+                    .split_once('=')
+                    .with_context(|| format!("--lang-plugin {p}: expected LANG=PATH"))?;
+                Ok((lang.to_string(), PathBuf::from(path)))
+            })
+            .collect()
+    }
+
+    /// The dedup stage's state at `--dedup-keys` keys (`bench::state::dedup`), in a process of
+    /// its own so that its peak RSS is the state's alone.
+    fn dedup_state(&mut self) -> Result<DedupState> {
+        say(format!(
+            "dedup state: {} keys, then {} lookups of existing keys",
+            self.args.dedup_keys, self.args.dedup_hits
+        ));
+        let dir = self.work.join("dedup-state");
+        let out = Command::new("/proc/self/exe")
+            .arg("dedup-state")
+            .args(["--keys", &self.args.dedup_keys.to_string()])
+            .args(["--hits", &self.args.dedup_hits.to_string()])
+            .args(["--batch", "10000", "--dir"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("run dedup-state")?;
+        // The state is ~200 MiB at 10 M keys; its size is in the results.
+        let _ = std::fs::remove_dir_all(&dir);
+        if !out.status.success() {
+            bail!("dedup-state failed ({})", out.status);
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().context("dedup-state printed nothing")?;
+        Ok(serde_json::from_str(line)?)
     }
 
     /// The same rows sluice writes, built natively beforehand, inserted as typed RowBinary.
@@ -1212,6 +1293,17 @@ fn commit(repo: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
+fn lang_name(lang: &str) -> &str {
+    match lang {
+        "c" => "C",
+        "python" => "Python",
+        "js" => "JavaScript",
+        "go" => "Go",
+        "rust" => "Rust",
+        other => other,
+    }
+}
+
 fn verdict(met: Option<bool>) -> &'static str {
     match met {
         Some(true) => "met",
@@ -1220,8 +1312,6 @@ fn verdict(met: Option<bool>) -> &'static str {
     }
 }
 
-const STATE: &str =
-    "not measured by sluice-bench: `state-bench` measures it (docs/benchmarks.md, State)";
 /// sluice's default `sink.batch.max_age_ms`; `PipelineSpec` sets no `batch` section.
 const BATCH_INTERVAL_MS: u64 = 250;
 
@@ -1459,7 +1549,7 @@ fn report(r: &Results) -> String {
             None,
         );
     }
-    for w in &r.wasm {
+    for w in r.wasm.iter().filter(|w| w.lang == "rust") {
         row(
             &format!("WASM stage vs native, batches of {}", w.batch),
             format!(
@@ -1471,6 +1561,40 @@ fn report(r: &Results) -> String {
             "≤ 1.25×",
             Some(w.ratio() <= 1.25),
         );
+    }
+    // Other languages: the same transform (same rows, checked) against the Rust code compiled
+    // natively; their own native builds are not measured (docs/benchmarks.md, Method).
+    let rust_wasm = r
+        .wasm
+        .iter()
+        .find(|w| w.lang == "rust" && w.batch == 1_000)
+        .map(|w| w.wasm_us_per_record);
+    for w in r.wasm.iter().filter(|w| w.lang != "rust") {
+        let vs_rust = rust_wasm.map_or(String::new(), |rw| {
+            format!(
+                "; {:.1}× the Rust plugin's WASM stage",
+                w.wasm_us_per_record / rw.max(1e-12)
+            )
+        });
+        row(
+            &format!(
+                "WASM stage, {} plugin, batches of {}",
+                lang_name(&w.lang),
+                w.batch
+            ),
+            format!(
+                "{:.2} µs/record over {} records: {:.1}× the native (Rust) transform's {:.2} µs{vs_rust}",
+                w.wasm_us_per_record,
+                w.records,
+                w.ratio(),
+                w.native_us_per_record
+            ),
+            "",
+            None,
+        );
+    }
+    for m in &r.wasm_missing {
+        row("WASM stage, plugin not measured", m.clone(), "", None);
     }
     if let Some(p) = &r.plugin {
         row(
@@ -1499,12 +1623,46 @@ fn report(r: &Results) -> String {
             None,
         );
     }
-    row(
-        "dedup state: RSS and lookups/s at 10 M keys",
-        STATE.into(),
-        "≤ 1 GiB, ≥ 1 M/s",
-        None,
-    );
+    match &r.dedup {
+        Some(d) => {
+            let peak = d.insert.peak_rss_mib.max(d.hit.peak_rss_mib);
+            let (rate, in_stage) = (d.hit.per_s(), d.hit.in_stage_per_s());
+            row(
+                &format!(
+                    "dedup state at {:.0} M keys: lookups/s, peak RSS",
+                    d.keys as f64 / 1e6
+                ),
+                format!(
+                    "{:.2} M lookups/s ({} lookups of existing keys in batches of {}, each batch's synced commit included; {:.2} M/s in the stage); peak RSS {peak} MiB (a process of its own; state on disk {} MiB)",
+                    rate / 1e6,
+                    d.hit.records,
+                    d.batch,
+                    in_stage / 1e6,
+                    d.hit.state_on_disk_mib
+                ),
+                "≤ 1 GiB, ≥ 1 M/s",
+                Some(peak <= 1024 && rate >= 1e6),
+            );
+            row(
+                "dedup state: inserting the keys, reloading the index",
+                format!(
+                    "{:.0}k new keys/s ({:.0}k/s in the stage); a restart's first batch loads the index of {:.0} M keys in {:.2} s",
+                    d.insert.per_s() / 1e3,
+                    d.insert.in_stage_per_s() / 1e3,
+                    d.keys as f64 / 1e6,
+                    d.reload.busy_s
+                ),
+                "",
+                None,
+            );
+        }
+        None => row(
+            "dedup state: RSS and lookups/s at 10 M keys",
+            "not measured in this run (`--phases dedup`)".into(),
+            "≤ 1 GiB, ≥ 1 M/s",
+            None,
+        ),
+    }
     if let Some(s) = &r.swap {
         let bi = s.batch_interval_ms as f64;
         row(
@@ -1731,10 +1889,34 @@ async fn phases(b: &mut Bench, r: &mut Results) -> Result<()> {
         r.wasm = tokio::task::block_in_place(|| {
             wasm_cost::measure(&b.args.plugin, &cache, &backlog[..k], &[1_000, 100_000], 3)
         })?;
+        for (lang, path) in b.lang_plugins()? {
+            if !path.is_file() {
+                r.wasm_missing.push(format!(
+                    "{lang}: {} not built (plugins/build-all.sh)",
+                    path.display()
+                ));
+                continue;
+            }
+            say(format!(
+                "{lang} plugin's WASM stage vs the native transform"
+            ));
+            let k = b.args.lang_records.min(backlog.len());
+            let measured = tokio::task::block_in_place(|| {
+                wasm_cost::measure_lang(&lang, &path, &cache, &backlog[..k], 1_000, 3)
+            });
+            match measured {
+                Ok(c) => r.wasm.push(c),
+                Err(e) => r.wasm_missing.push(format!("{lang}: {e:#}")),
+            }
+        }
         say("plugin compile, load and instantiation");
         r.plugin = Some(tokio::task::block_in_place(|| {
             wasm_cost::plugin_times(&b.args.plugin, &b.work.join("plugin-times-cache"))
         })?);
+    }
+    if b.args.phase("dedup") {
+        b.svc.stop_kafka()?;
+        r.dedup = Some(b.dedup_state()?);
     }
     if b.args.phase("scaling") {
         let sn = b.args.scaling_records.unwrap_or(n);
@@ -1797,6 +1979,19 @@ fn main() -> Result<()> {
         } => {
             let r = kafka::raw_consume(&brokers, &topic, &group, count)?;
             println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::DedupState {
+            keys,
+            hits,
+            batch,
+            dir,
+        } => {
+            let store = sluice::state::StateStore::open(&dir.join("state"))?;
+            let d = state::dedup(&store, &dir, keys, hits, batch, |p| {
+                eprintln!("  {}", p.line())
+            })?;
+            println!("{}", serde_json::to_string(&d)?);
             Ok(())
         }
         Cmd::Run(args) => tokio::runtime::Builder::new_multi_thread()
