@@ -45,6 +45,8 @@ plugin_v2="$WASM_TARGET_DIR/enrich-v2/wasm32-wasip2/release/sluice_plugin_enrich
 if [[ " $* " != *" --phases "* || " $* " == *wasm* || " $* " == *all* ]]; then
     say "building the reference plugin in the other languages (plugins/build-all.sh)"
     plugins/build-all.sh >&2 || say "some plugin builds failed: the bench reports them as not measured"
+    # The C plugin also built for this machine: the same C code native and in WASM.
+    plugins/c-enrich/build-native.sh >&2 || say "the native C build failed: the bench reports it as not measured"
 fi
 
 # Hard links to the binaries: other builds sharing the target dir replace those files (new

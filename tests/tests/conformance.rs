@@ -515,6 +515,36 @@ fn conformance_c() -> Result<()> {
     conformance("c")
 }
 
+/// The C plugin built for this machine (`build-native.sh`: its code and bindings with a harness
+/// that calls the export as the host does), which the benchmark compares with its WASM build:
+/// it must give the Rust transform's rows (`c_native` checks them) for the bench's events.
+#[test]
+fn c_plugin_built_natively_gives_the_same_rows() -> Result<()> {
+    let dir = repo_root().join("plugins/c-enrich");
+    let out = Command::new("bash")
+        .arg(dir.join("build-native.sh"))
+        .output()
+        .context("running plugins/c-enrich/build-native.sh")?;
+    ensure!(
+        out.status.success(),
+        "build-native.sh failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let work = tempfile::tempdir()?;
+    let events = sluice_tests::bench::events::backlog(3_000);
+    let us = sluice_tests::bench::wasm_cost::c_native(
+        &dir.join("target/native-bench"),
+        &events,
+        1_000,
+        1,
+        work.path(),
+    )?;
+    ensure!(us > 0.0, "no time measured");
+    Ok(())
+}
+
 #[test]
 fn conformance_python() -> Result<()> {
     conformance("python")

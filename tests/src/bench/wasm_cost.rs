@@ -175,6 +175,10 @@ pub struct WasmCost {
     pub records: usize,
     pub native_us_per_record: f64,
     pub wasm_us_per_record: f64,
+    /// The plugin's own code built natively (C: `plugins/c-enrich/build-native.sh`), same
+    /// records and batches (see [`c_native`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub own_native_us_per_record: Option<f64>,
 }
 
 impl WasmCost {
@@ -248,7 +252,85 @@ pub fn measure_lang(
         records: recs.len(),
         native_us_per_record: best_n * 1e6 / n,
         wasm_us_per_record: best_w * 1e6 / n,
+        own_native_us_per_record: None,
     })
+}
+
+/// What the native C harness prints.
+#[derive(serde::Deserialize)]
+struct HarnessRun {
+    records: usize,
+    rows: usize,
+    errors: usize,
+    us_per_record: f64,
+}
+
+/// The C plugin built for this machine (`harness`: `plugins/c-enrich/target/native-bench`,
+/// which calls the plugin's export as the host does) on the same records in batches of
+/// `batch`: µs per record of the calling thread's CPU, best of `reps` passes after a warm-up.
+/// Its rows must equal the native Rust transform's. `work`: a dir for the records file.
+pub fn c_native(
+    harness: &Path,
+    events: &[BenchEvent],
+    batch: usize,
+    reps: usize,
+    work: &Path,
+) -> Result<f64> {
+    let input = work.join("c-native-records.tsv");
+    let rows_path = work.join("c-native-rows.jsonl");
+    let mut text = String::new();
+    for (offset, e) in events.iter().enumerate() {
+        let value = std::str::from_utf8(&e.value).context("event value is not UTF-8")?;
+        if e.key.contains(['\t', '\n']) || value.contains(['\t', '\n']) {
+            bail!("event {offset}: a tab or newline in its key or value (compact JSON has none)");
+        }
+        text.push_str(&format!("{offset}\t{}\t{}\t{value}\n", e.ts_ms, e.key));
+    }
+    std::fs::write(&input, text)?;
+    let out = std::process::Command::new(harness)
+        .arg(&input)
+        .arg(batch.to_string())
+        .arg(reps.to_string())
+        .arg(&rows_path)
+        .output()
+        .with_context(|| format!("run {}", harness.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            harness.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let run: HarnessRun = serde_json::from_slice(&out.stdout).context("the harness's output")?;
+    if run.records != events.len() || run.rows != events.len() || run.errors != 0 {
+        bail!(
+            "native C: {} rows and {} errors for {} records ({} read)",
+            run.rows,
+            run.errors,
+            events.len(),
+            run.records
+        );
+    }
+    // The same rows as the native Rust transform (as the WASM builds are checked).
+    let rows = std::fs::read_to_string(&rows_path)?;
+    let recs = records(events);
+    let k = recs.len().min(2000);
+    let (_dir, store) = scratch_state()?;
+    let expected = NativeEnrich::new()?.process(
+        recs[..k].to_vec(),
+        &ctx(0, k as i64 - 1),
+        &mut store.txn(),
+    )?;
+    for (i, (line, want)) in rows.lines().zip(&expected.records).enumerate() {
+        let got: serde_json::Value = serde_json::from_str(line)?;
+        let want: serde_json::Value = serde_json::from_slice(&want.value)?;
+        if got != want {
+            bail!("native C row {i} differs from the Rust transform's:\n{got}\n{want}");
+        }
+    }
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&rows_path);
+    Ok(run.us_per_record)
 }
 
 /// Both stages must produce the same rows, or the comparison is meaningless.

@@ -454,6 +454,25 @@ impl Bench {
         Ok(r)
     }
 
+    /// The C plugin's own native build on the records `c` was measured on, if it was built
+    /// (`plugins/c-enrich/build-native.sh`, which `scripts/bench.sh` runs).
+    fn c_native(&self, c: &mut WasmCost, events: &[BenchEvent], missing: &mut Vec<String>) {
+        let harness =
+            sluice_tests::services::repo_root().join("plugins/c-enrich/target/native-bench");
+        if !harness.is_file() {
+            missing.push(format!(
+                "C built natively: {} not built (plugins/c-enrich/build-native.sh)",
+                harness.display()
+            ));
+            return;
+        }
+        say("the C plugin built natively");
+        match wasm_cost::c_native(&harness, events, c.batch, 3, &self.work) {
+            Ok(us) => c.own_native_us_per_record = Some(us),
+            Err(e) => missing.push(format!("C built natively: {e:#}")),
+        }
+    }
+
     /// The other languages' enrich plugins for the `wasm` phase (see `--lang-plugin`).
     fn lang_plugins(&self) -> Result<Vec<(String, PathBuf)>> {
         if self.args.lang_plugins.is_empty() {
@@ -1576,6 +1595,13 @@ fn report(r: &Results) -> String {
                 w.wasm_us_per_record / rw.max(1e-12)
             )
         });
+        let own = w.own_native_us_per_record.map_or(String::new(), |n| {
+            format!(
+                "; the same {} code built natively: {n:.2} µs/record, so WASM/native {:.2}×",
+                lang_name(&w.lang),
+                w.wasm_us_per_record / n.max(1e-12)
+            )
+        });
         row(
             &format!(
                 "WASM stage, {} plugin, batches of {}",
@@ -1583,7 +1609,7 @@ fn report(r: &Results) -> String {
                 w.batch
             ),
             format!(
-                "{:.2} µs/record over {} records: {:.1}× the native (Rust) transform's {:.2} µs{vs_rust}",
+                "{:.2} µs/record over {} records: {:.1}× the native (Rust) transform's {:.2} µs{vs_rust}{own}",
                 w.wasm_us_per_record,
                 w.records,
                 w.ratio(),
@@ -1905,7 +1931,12 @@ async fn phases(b: &mut Bench, r: &mut Results) -> Result<()> {
                 wasm_cost::measure_lang(&lang, &path, &cache, &backlog[..k], 1_000, 3)
             });
             match measured {
-                Ok(c) => r.wasm.push(c),
+                Ok(mut c) => {
+                    if lang == "c" {
+                        b.c_native(&mut c, &backlog[..k], &mut r.wasm_missing);
+                    }
+                    r.wasm.push(c);
+                }
                 Err(e) => r.wasm_missing.push(format!("{lang}: {e:#}")),
             }
         }
