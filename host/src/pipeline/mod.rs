@@ -783,6 +783,21 @@ fn encode_slices(
     Ok((tables, dead))
 }
 
+/// A batch fixed in the journal, to deliver (see `Worker::deliver`).
+struct Journaled<'a> {
+    partition: &'a PartitionKey,
+    first: i64,
+    last: i64,
+    /// The assignment of the partition it was sealed under (see `Ownership`).
+    epoch: Option<u64>,
+}
+
+/// How long a worker whose commit was refused for a new group generation waits for its
+/// partition's revocation before it restarts the run (see `Worker::revoked_since`): when the
+/// engine's loop is polling, the rebalance callback follows within milliseconds; when it is
+/// held up behind the worker, no wait helps.
+const REVOKE_PATIENCE: Duration = Duration::from_secs(1);
+
 /// How long an offset commit is retried before the run gives up on it.
 const COMMIT_PATIENCE: Duration = Duration::from_secs(300);
 
@@ -861,8 +876,13 @@ impl Worker {
                 } => {
                     if self.still_owned(&partition, epoch) {
                         let sent = dead_letters_sent;
-                        self.deliver(&partition, first, last, outbox, sent, Vec::new())
-                            .await?
+                        let batch = Journaled {
+                            partition: &partition,
+                            first,
+                            last,
+                            epoch,
+                        };
+                        self.deliver(batch, outbox, sent, Vec::new()).await?
                     }
                 }
                 WorkItem::Ownership {
@@ -875,6 +895,22 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Whether `pk` has been revoked since the assignment of `epoch` (it may be owned again,
+    /// under a newer one). A commit refused for a new generation usually comes a moment before
+    /// the consumer's rebalance callback revokes the partition: wait a little for it.
+    async fn revoked_since(&self, pk: &PartitionKey, epoch: Option<u64>) -> bool {
+        let started = Instant::now();
+        loop {
+            if self.ownership.epoch_of(pk) != epoch {
+                return true;
+            }
+            if started.elapsed() >= REVOKE_PATIENCE {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// A batch sealed before its partition was revoked is dropped: the partition is consumed
@@ -1044,7 +1080,7 @@ impl Worker {
         overlap: bool,
     ) -> Result<(), PipelineError> {
         let pk = batch.partition.clone();
-        let (first, last) = (batch.first, batch.last);
+        let (first, last, epoch) = (batch.first, batch.last, batch.epoch);
         let (opened, sealed, taken) = (batch.opened, batch.sealed, Instant::now());
         let ctx = BatchContext {
             pipeline: self.pipeline.clone(),
@@ -1208,8 +1244,13 @@ impl Worker {
         fault::point(fault::AFTER_BEGIN);
         let sent = self.changelog.is_some();
         let rows: u64 = outbox.tables.iter().map(|(_, rows, _)| rows).sum();
-        self.deliver(&pk, first, last, outbox, sent, timestamps)
-            .await?;
+        let batch = Journaled {
+            partition: &pk,
+            first,
+            last,
+            epoch,
+        };
+        self.deliver(batch, outbox, sent, timestamps).await?;
         // Where a batch's latency goes (`RUST_LOG=sluice::pipeline=debug`): filling, waiting
         // for the worker, stages and encoding, the rest of the blocking part (changelog,
         // synced journal write), insert and offset commit.
@@ -1264,13 +1305,17 @@ impl Worker {
     /// Steps 3 to 6, for a fresh batch or one recovered from the journal.
     async fn deliver(
         &self,
-        pk: &PartitionKey,
-        first: i64,
-        last: i64,
+        batch: Journaled<'_>,
         outbox: Outbox,
         dead_letters_sent: bool,
         timestamps: Vec<i64>,
     ) -> Result<(), PipelineError> {
+        let Journaled {
+            partition: pk,
+            first,
+            last,
+            epoch,
+        } = batch;
         let p = self.pipeline.as_str();
         for (table, rows, data) in outbox.tables {
             let token = dedup_token(&self.pipeline, &pk.topic, pk.partition, first, last, &table);
@@ -1347,22 +1392,29 @@ impl Worker {
             };
             match result {
                 Ok(()) => break,
-                // The consumer must rejoin the group before any commit can succeed, and it
-                // cannot while this worker holds up the loop: end the run. The supervisor
-                // starts a new one, which re-sends this batch from the journal (same tokens)
-                // and commits it.
+                // The group moved to a new generation (a rebalance): no commit of the old
+                // assignment can succeed.
                 Err(SourceError::Commit {
                     group_changed: true,
                     message,
                     ..
                 }) => {
-                    if self.ownership.epoch_of(pk).is_none() {
-                        // The partition moved on: its journal entry (here, and in the
-                        // changelog if there is one) lets its next owner finish the batch.
-                        tracing::warn!(partition = %pk, first, last,
-                            "offset commit refused after the partition was revoked ({message}); left to its next owner");
+                    if self.revoked_since(pk, epoch).await {
+                        // Its journal entry (here, and in the changelog if there is one) lets
+                        // the partition's next owner finish the batch: this instance too when
+                        // the partition came back to it, since the engine reads the journal
+                        // again at the partition's first record, re-sends the batch (same
+                        // tokens) and commits it in the new generation. Restarting the
+                        // consumer instead would make the group rebalance once more, and
+                        // every other member with a commit in flight would then do the same
+                        // (docs/reliability.md, known problem 8).
+                        tracing::warn!(partition = %pk, first, last, back = self.ownership.epoch_of(pk).is_some(),
+                            "offset commit refused after the partition was revoked ({message}); left in the journal for its next owner");
                         return Ok(());
                     }
+                    // Not revoked: the consumer has not seen the rebalance, and cannot while
+                    // this worker holds up the loop. End the run: the supervisor starts a new
+                    // one, which re-sends this batch from the journal and commits it.
                     return Err(PipelineError::Rejoin(format!(
                         "offset commit of {pk} refused ({message})"
                     )));
