@@ -529,31 +529,33 @@ impl IntervalJoinStage {
                 continue;
             };
             let (from, to) = (self.window(side, lo).0, self.window(side, hi).1);
-            let Some((mut read_from, read_to)) = entry.read else {
+            let Some((read_from, read_to)) = entry.read else {
                 entry.list = self.partners(st, side, key, from, to)?;
                 entry.read = Some((from, to));
                 continue;
             };
             // A later call can reach past what was read: read only the missing times (the
-            // lists stay in time order). Ahead, read at least as far again as read so far: as
-            // a batch's slices move on in event time, each would otherwise extend every key's
-            // list by one range read (a seek) per slice; this way a key takes a few reads per
-            // transaction. Partners read beyond every window are never paired. `read` follows
-            // each read as it succeeds: it never claims more than the list holds.
+            // lists stay in time order). Ahead, read at least as far again as read before this
+            // call: as a batch's slices move on in event time, each would otherwise extend
+            // every key's list by one range read (a seek) per slice; this way a key takes a
+            // few reads per transaction. Partners read beyond every window are never paired.
+            // `read` follows each read as it succeeds: it never claims more than the list
+            // holds.
+            let span = read_to.saturating_sub(read_from);
+            let mut held_from = read_from;
             if from < read_from {
                 let mut head = self.partners(st, side, key, from, read_from - 1)?;
                 head.append(&mut entry.list);
                 entry.list = head;
-                read_from = from;
-                entry.read = Some((read_from, read_to));
+                held_from = from;
+                entry.read = Some((held_from, read_to));
             }
             if to > read_to {
-                let span = read_to.saturating_sub(read_from);
                 let until = to.max(read_to.saturating_add(span));
                 entry
                     .list
                     .extend(self.partners(st, side, key, read_to + 1, until)?);
-                entry.read = Some((read_from, until));
+                entry.read = Some((held_from, until));
             }
         }
         Ok(())
