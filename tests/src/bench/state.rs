@@ -18,6 +18,7 @@ use sluice::stage::dedup::{DedupConfig, DedupStage};
 use sluice::stage::{BatchContext, PartitionKey, Stage, StageOutput};
 use sluice::state::{Outbox, StateStore};
 
+use super::procfs;
 use crate::workload::Rng;
 
 /// Event time of the generated records (2026-11-23T10:00:00Z).
@@ -36,27 +37,16 @@ pub fn record(topic: &Arc<str>, offset: i64, value: Vec<u8>, key: Option<Bytes>)
     }))
 }
 
-/// A field of this process's `/proc/self/status` in KiB (0 if absent).
-fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-pub fn dir_size(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else {
+/// Bytes of all files under `dir` (0 if it cannot be read).
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
-    rd.flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
             Err(_) => 0,
         })
         .sum()
@@ -176,6 +166,7 @@ impl<'a> Runner<'a> {
 
     /// The numbers so far, as phase `phase` of `records` records; `dir` holds the state.
     pub fn result(&self, phase: &str, records: u64, dir: &Path) -> PhaseResult {
+        let usage = procfs::usage(std::process::id()).unwrap_or_default();
         PhaseResult {
             phase: phase.to_string(),
             records,
@@ -184,8 +175,8 @@ impl<'a> Runner<'a> {
             emitted: self.emitted,
             dead: self.dead,
             counters: self.counters.clone(),
-            peak_rss_mib: status_kib("VmHWM:") / 1024,
-            rss_mib: status_kib("VmRSS:") / 1024,
+            peak_rss_mib: usage.peak_rss_kb / 1024,
+            rss_mib: usage.rss_kb / 1024,
             state_on_disk_mib: dir_size(dir) / (1024 * 1024),
         }
     }

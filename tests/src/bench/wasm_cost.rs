@@ -199,8 +199,7 @@ pub fn wasm_stage(plugin_path: &Path, cache_dir: &Path) -> Result<WasmStage> {
     )?)
 }
 
-/// Native vs WASM on the same records, for each batch size: best of `reps` passes after a
-/// warm-up pass (interleaved, so background noise hits both alike).
+/// Native vs WASM on the same records, for each batch size (see [`measure_lang`]).
 pub fn measure(
     plugin_path: &Path,
     cache_dir: &Path,
@@ -208,24 +207,21 @@ pub fn measure(
     batches: &[usize],
     reps: usize,
 ) -> Result<Vec<WasmCost>> {
-    batches
-        .iter()
-        .map(|&batch| measure_lang("rust", plugin_path, cache_dir, events, batch, reps))
-        .collect()
+    measure_lang("rust", plugin_path, cache_dir, events, batches, reps)
 }
 
 /// The enrich plugin of language `lang` (any component that answers like the Rust one: the
 /// conformance suite checks every language gives the same rows) against the native Rust
-/// transform, on the same records in batches of `batch`: rows compared first, then the best of
-/// `reps` interleaved passes after a warm-up pass.
+/// transform, on the same records, for each batch size: rows compared first, then the best
+/// of `reps` interleaved passes after a warm-up pass (so background noise hits both alike).
 pub fn measure_lang(
     lang: &str,
     plugin_path: &Path,
     cache_dir: &Path,
     events: &[BenchEvent],
-    batch: usize,
+    batches: &[usize],
     reps: usize,
-) -> Result<WasmCost> {
+) -> Result<Vec<WasmCost>> {
     let recs = records(events);
     let (_dir, store) = scratch_state()?;
     let mut st = store.txn();
@@ -238,22 +234,26 @@ pub fn measure_lang(
         &mut st,
     )
     .with_context(|| format!("{lang} plugin"))?;
-    pass(&mut native, &recs, batch, &mut st)?;
-    pass(&mut wasm, &recs, batch, &mut st)?;
-    let (mut best_n, mut best_w) = (f64::MAX, f64::MAX);
-    for _ in 0..reps.max(1) {
-        best_n = best_n.min(pass(&mut native, &recs, batch, &mut st)?);
-        best_w = best_w.min(pass(&mut wasm, &recs, batch, &mut st)?);
+    let mut out = Vec::new();
+    for &batch in batches {
+        pass(&mut native, &recs, batch, &mut st)?;
+        pass(&mut wasm, &recs, batch, &mut st)?;
+        let (mut best_n, mut best_w) = (f64::MAX, f64::MAX);
+        for _ in 0..reps.max(1) {
+            best_n = best_n.min(pass(&mut native, &recs, batch, &mut st)?);
+            best_w = best_w.min(pass(&mut wasm, &recs, batch, &mut st)?);
+        }
+        let n = recs.len().max(1) as f64;
+        out.push(WasmCost {
+            lang: lang.to_string(),
+            batch,
+            records: recs.len(),
+            native_us_per_record: best_n * 1e6 / n,
+            wasm_us_per_record: best_w * 1e6 / n,
+            own_native_us_per_record: None,
+        });
     }
-    let n = recs.len().max(1) as f64;
-    Ok(WasmCost {
-        lang: lang.to_string(),
-        batch,
-        records: recs.len(),
-        native_us_per_record: best_n * 1e6 / n,
-        wasm_us_per_record: best_w * 1e6 / n,
-        own_native_us_per_record: None,
-    })
+    Ok(out)
 }
 
 /// What the native C harness prints.

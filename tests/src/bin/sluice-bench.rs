@@ -499,7 +499,7 @@ impl Bench {
 
     /// The dedup stage's state at `--dedup-keys` keys (`bench::state::dedup`), in a process of
     /// its own so that its peak RSS is the state's alone.
-    fn dedup_state(&mut self) -> Result<DedupState> {
+    fn dedup_state(&self) -> Result<DedupState> {
         say(format!(
             "dedup state: {} keys, then {} lookups of existing keys",
             self.args.dedup_keys, self.args.dedup_hits
@@ -746,7 +746,7 @@ impl Bench {
         let mut state_bytes = 0;
         for i in 0..instances {
             let dir = self.work.join("state").join(format!("bench{id}i{i}"));
-            state_bytes += dir_size(&dir);
+            state_bytes += state::dir_size(&dir);
             std::fs::remove_dir_all(&dir).ok();
         }
         let run = PathRun {
@@ -1209,21 +1209,6 @@ impl Bench {
             loadavg_at_start,
         })
     }
-}
-
-/// Bytes of all files under `dir`.
-fn dir_size(dir: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_size(&e.path()),
-            Ok(_) => e.metadata().map_or(0, |m| m.len()),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// Writes the report of a `perf record` run: the flat profile (hottest symbols), the call
@@ -1928,14 +1913,16 @@ async fn phases(b: &mut Bench, r: &mut Results) -> Result<()> {
             ));
             let k = b.args.lang_records.min(backlog.len());
             let measured = tokio::task::block_in_place(|| {
-                wasm_cost::measure_lang(&lang, &path, &cache, &backlog[..k], 1_000, 3)
+                wasm_cost::measure_lang(&lang, &path, &cache, &backlog[..k], &[1_000], 3)
             });
             match measured {
-                Ok(mut c) => {
-                    if lang == "c" {
-                        b.c_native(&mut c, &backlog[..k], &mut r.wasm_missing);
+                Ok(costs) => {
+                    for mut c in costs {
+                        if lang == "c" {
+                            b.c_native(&mut c, &backlog[..k], &mut r.wasm_missing);
+                        }
+                        r.wasm.push(c);
                     }
-                    r.wasm.push(c);
                 }
                 Err(e) => r.wasm_missing.push(format!("{lang}: {e:#}")),
             }
